@@ -1,0 +1,118 @@
+"""Checked state-dict translation between a foreign naming (diffusers, open-muse) and ours.
+
+A `KeyMap` is an ordered list of regex rules from our parameter names to the foreign ones, plus per-key layout
+transforms (a Linear stored by the other side as a 1x1 conv, a vector stored as (1, 1, 1, C)). Loading walks every
+parameter our model expects, finds its foreign name, checks that it exists and has the right shape, and fails loudly
+on anything missing, misshapen or left over: never a silent partial load. Models are built on the meta device and
+the loaded tensors assigned, so a full-size model loads without a slow random initialisation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+
+class ConversionError(ValueError):
+    """A state dict that does not fit the model: names every missing, unexpected or misshapen tensor."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one tensor's layout differs between us and the other side: `to_theirs(ours)`, `to_ours(theirs)`."""
+
+    name: str
+    to_theirs: Callable[[torch.Tensor], torch.Tensor]
+    to_ours: Callable[[torch.Tensor], torch.Tensor]
+
+
+SAME = Layout("same", lambda t: t, lambda t: t)
+# our Linear (out, in) <-> their 1x1 conv (out, in, 1, 1)
+LINEAR_AS_CONV1X1 = Layout("conv1x1", lambda t: t[:, :, None, None], lambda t: t.reshape(t.shape[0], t.shape[1]))
+# our vector (C,) <-> their (1, 1, 1, C)
+VECTOR_AS_4D = Layout("1x1x1xC", lambda t: t.view(1, 1, 1, -1), lambda t: t.reshape(-1))
+
+
+@dataclass
+class KeyMap:
+    """rules: (regex on our name, replacement giving their name); the first rule that matches wins.
+    layouts: (regex on our name, Layout) for tensors stored differently."""
+
+    rules: list[tuple[str, str]]
+    layouts: list[tuple[str, Layout]] = field(default_factory=list)
+
+    def theirs(self, ours: str) -> str:
+        for pattern, repl in self.rules:
+            if re.fullmatch(pattern, ours):
+                return re.sub(pattern, repl, ours)
+        return ours
+
+    def layout(self, ours: str) -> Layout:
+        for pattern, layout in self.layouts:
+            if re.fullmatch(pattern, ours):
+                return layout
+        return SAME
+
+
+def expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def to_ours(
+    model: nn.Module,
+    keymap: KeyMap,
+    state_dict: Mapping[str, torch.Tensor],
+    what: str = "state dict",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Fill `model` (usually built on the meta device) from a foreign `state_dict`, checking every key and shape.
+    Raises ConversionError naming each missing, unexpected or misshapen tensor."""
+    shapes = expected_shapes(model)
+    wanted = {keymap.theirs(k): k for k in shapes}
+    missing = sorted(t for t in wanted if t not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in wanted)
+    converted, misshapen = {}, []
+    for theirs, ours in wanted.items():
+        if theirs not in state_dict:
+            continue
+        tensor = state_dict[theirs]
+        try:
+            value = keymap.layout(ours).to_ours(tensor)
+        except RuntimeError:
+            value = None
+        if value is None or value.shape != shapes[ours]:
+            misshapen.append(f"{theirs}: got {tuple(tensor.shape)}, expected {tuple(_theirs_shape(keymap, ours, shapes[ours]))}")
+            continue
+        converted[ours] = value if dtype is None else value.to(dtype)
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {_preview(unexpected)}")
+    if misshapen:
+        problems.append(f"misshapen {len(misshapen)} tensor(s): {_preview(misshapen)}")
+    if problems:
+        raise ConversionError(f"{what} does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model
+
+
+def to_theirs(model: nn.Module, keymap: KeyMap) -> dict[str, torch.Tensor]:
+    """Our model's parameters under the foreign names and layouts (contiguous tensors, ready for safetensors)."""
+    out = {}
+    for ours, tensor in model.state_dict().items():
+        out[keymap.theirs(ours)] = keymap.layout(ours).to_theirs(tensor.detach()).contiguous()
+    return out
+
+
+def _theirs_shape(keymap: KeyMap, ours: str, shape: torch.Size) -> torch.Size:
+    return keymap.layout(ours).to_theirs(torch.empty(shape, device="meta")).shape
+
+
+def _preview(items: list[str], n: int = 8) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")

@@ -1,0 +1,43 @@
+"""Session-wide fixtures: reference pipelines of random weights and their published folders, built once.
+
+Full-size ones are expensive on a CPU (a 603M-parameter U-ViT); every test module that needs them shares the one
+built here, and tests that use them carry the `full` marker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.helpers import reference_pipeline, save_published
+
+# Two cores on the CI machine: let torch use them, and keep tests deterministic.
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def reference_pipelines():
+    """kind -> a diffusers AmusedPipeline with random weights (built lazily, cached for the session)."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = reference_pipeline(kind)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def published_dirs(reference_pipelines, tmp_path_factory):
+    """kind -> a folder in the published layout (fp32 and fp16 variant weights) of `reference_pipelines(kind)`."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            d = tmp_path_factory.mktemp(f"published-{kind}")
+            cache[kind] = save_published(reference_pipelines(kind), d, fp16_variant=True)
+        return cache[kind]
+
+    return get

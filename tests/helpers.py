@@ -1,0 +1,116 @@
+"""Shared builders for the parity tests: reference (diffusers) components with random, non-trivial weights,
+saved in the published folder layout. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from convert.clip_tokenizer import write_clip_tokenizer_files
+from uvit import UViTConfig
+from vqgan import VQGANConfig
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+# Published text tower (CLIP ViT-L/14) and a tiny one of the same layout.
+CLIP_FULL = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+
+KINDS = ("tiny-256", "tiny-512", "full-256", "full-512")
+
+
+def uvit_config(kind: str) -> UViTConfig:
+    size, layout = kind.split("-")
+    if size == "full":
+        return UViTConfig.amused_256() if layout == "256" else UViTConfig.amused_512()
+    ds = layout == "512"
+    return UViTConfig.tiny(downsample=ds, upsample=ds)
+
+
+def vqgan_config(kind: str) -> VQGANConfig:
+    return VQGANConfig.amused() if kind.startswith("full") else VQGANConfig.tiny()
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int = 0, scale: float = 1.0) -> nn.Module:
+    """Give every parameter a non-trivial random value: matrices ~ N(0, scale / fan_in), norm weights 1 + N(0, 0.1),
+    everything that starts at zero (biases, GRN gamma/beta, modulation) ~ N(0, 0.1 * scale).
+    Fan-in scaling keeps a deep random network's activations in a sane range so parity checks mean something."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            fan_in = p[0].numel()
+            if isinstance(_owner(module, name), nn.Embedding):
+                fan_in = 1
+            std = scale / math.sqrt(fan_in)
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        elif name.endswith("weight"):  # norm weights
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        else:  # biases, GRN gamma/beta
+            p.copy_(0.1 * scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+def _owner(root: nn.Module, param_name: str) -> nn.Module:
+    return root.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else root
+
+
+def reference_uvit(kind: str, seed: int = 0):
+    from diffusers import UVit2DModel
+
+    return randomize_(UVit2DModel(**uvit_config(kind).to_dict()), seed).eval()
+
+
+def reference_vqgan(kind: str, seed: int = 1):
+    from diffusers import VQModel
+
+    cfg = vqgan_config(kind).to_diffusers_dict()
+    return randomize_(VQModel(**cfg), seed, scale=1.0).eval()
+
+
+def reference_text_encoder(kind: str, seed: int = 2):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    dims = CLIP_FULL if kind.startswith("full") else CLIP_TINY
+    cfg = CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, **dims,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def reference_pipeline(kind: str, seed: int = 0):
+    """A diffusers AmusedPipeline of random weights with the given layout ('tiny-256', 'full-512', ...)."""
+    from diffusers import AmusedPipeline, AmusedScheduler
+    from transformers import CLIPTokenizer
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    transformer = reference_uvit(kind, seed)
+    return AmusedPipeline(
+        vqvae=reference_vqgan(kind, seed + 1),
+        tokenizer=tokenizer,
+        text_encoder=reference_text_encoder(kind, seed + 2),
+        transformer=transformer,
+        scheduler=AmusedScheduler(mask_token_id=transformer.config.vocab_size - 1),
+    )
+
+
+def save_published(pipe, directory: str | Path, fp16_variant: bool = False) -> Path:
+    """Write `pipe` in the published folder layout (fp32 files, and the fp16 variant files too when asked)."""
+    d = Path(directory)
+    pipe.save_pretrained(d)
+    if fp16_variant:
+        pipe.to(torch.float16)
+        try:
+            pipe.save_pretrained(d, variant="fp16")
+        finally:
+            pipe.to(torch.float32)
+    return d

@@ -1,0 +1,123 @@
+"""Configuration of the U-ViT, with the published aMUSEd models as presets.
+
+Field names follow the diffusers `UVit2DModel` config so that a `transformer/config.json` reads straight into
+this dataclass (`UViTConfig.from_dict`); the parameter names of the model itself are ours (see `convert`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class UViTConfig:
+    # global
+    hidden_size: int = 1024  # width of the transformer layers
+    use_bias: bool = False  # biases on every Linear/conv (the published models have none)
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # conditioning
+    cond_embed_dim: int = 768  # pooled text embedding width
+    micro_cond_encode_dim: int = 256  # sinusoid width per micro-condition scalar
+    micro_cond_embed_dim: int = 1280  # = number of micro-conditions (5) x micro_cond_encode_dim
+    encoder_hidden_size: int = 768  # text hidden state width
+    # tokens
+    vocab_size: int = 8256  # codebook + padding + the mask token (the last id)
+    codebook_size: int = 8192  # logits cover only these
+    # convolutional stages
+    in_channels: int = 768  # token embedding width
+    block_out_channels: int = 768  # conv stage width
+    num_res_blocks: int = 3
+    downsample: bool = False
+    upsample: bool = False
+    block_num_heads: int = 12
+    # transformer
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 16
+    intermediate_size: int = 2816
+    # norms
+    layer_norm_eps: float = 1e-6
+    ln_elementwise_affine: bool = True
+    # default token grid side (tokens), used by pipelines to pick the default image size
+    sample_size: int = 16
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.block_out_channels % self.block_num_heads:
+            problems.append(f"block_out_channels {self.block_out_channels} is not divisible by block_num_heads {self.block_num_heads}")
+        if self.micro_cond_encode_dim % 2:
+            problems.append(f"micro_cond_encode_dim must be even, got {self.micro_cond_encode_dim}")
+        if self.micro_cond_embed_dim % self.micro_cond_encode_dim:
+            problems.append(
+                f"micro_cond_embed_dim {self.micro_cond_embed_dim} is not a multiple of micro_cond_encode_dim {self.micro_cond_encode_dim}"
+            )
+        if self.codebook_size >= self.vocab_size:
+            problems.append(f"vocab_size {self.vocab_size} must exceed codebook_size {self.codebook_size} (the mask id is vocab_size - 1)")
+        if self.downsample != self.upsample:
+            problems.append("downsample and upsample must be both on or both off, or the token grid would change size")
+        if problems:
+            raise ValueError("invalid UViTConfig: " + "; ".join(problems))
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.vocab_size - 1
+
+    @property
+    def num_micro_conds(self) -> int:
+        return self.micro_cond_embed_dim // self.micro_cond_encode_dim
+
+    @property
+    def grid_factor(self) -> int:
+        """The token grid side must be a multiple of this (2 when the conv stages down/upsample)."""
+        return 2 if self.downsample else 1
+
+    # --- presets -------------------------------------------------------------------------------------------------
+    @classmethod
+    def amused_256(cls) -> "UViTConfig":
+        """The transformer of amused/amused-256: 603,537,664 parameters, 16x16 tokens."""
+        return cls(downsample=False, upsample=False, sample_size=16)
+
+    @classmethod
+    def amused_512(cls) -> "UViTConfig":
+        """The transformer of amused/amused-512: 608,257,792 parameters, 32x32 tokens brought to 16x16 inside."""
+        return cls(downsample=True, upsample=True, sample_size=32)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "UViTConfig":
+        """A small model of the same layout, for tests and the embedded demo."""
+        base = dict(
+            hidden_size=64,
+            cond_embed_dim=32,
+            micro_cond_encode_dim=8,
+            micro_cond_embed_dim=40,
+            encoder_hidden_size=32,
+            vocab_size=72,
+            codebook_size=64,
+            in_channels=32,
+            block_out_channels=32,
+            num_res_blocks=1,
+            block_num_heads=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            sample_size=8,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    # --- (de)serialisation ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict, strict: bool = False) -> "UViTConfig":
+        """Build from a dict such as a diffusers `config.json`. Keys starting with `_` (diffusers metadata) are
+        ignored; any other unknown key raises when `strict`, and is otherwise ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in config if k not in names and not k.startswith("_"))
+        if unknown and strict:
+            raise ValueError(f"unknown U-ViT config keys: {unknown}")
+        return cls(**{k: v for k, v in config.items() if k in names})

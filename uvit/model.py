@@ -1,0 +1,376 @@
+"""The U-ViT of aMUSEd: masked image tokens + text -> logits over the VQ codebook.
+
+Data flow (shapes for amused-256; B batch, h x w token grid, L text length):
+
+    ids (B, h, w) -> TokenEmbedding -> (B, h, w, C)            C = block_out_channels, channels last throughout
+    -> down stage: [512: RMSNorm + 2x2 stride-2 conv] + n x (ConvNeXtBlock, TextAttentionBlock)
+    -> (B, h*w, C) -> RMSNorm -> Linear -> (B, h*w, D)         D = hidden_size
+    -> n_layers x TransformerLayer (self-attention, cross-attention to text, GEGLU MLP; adaptive norms)
+    -> RMSNorm -> Linear -> (B, h, w, C)
+    -> up stage: n x (ConvNeXtBlock, TextAttentionBlock) [512: RMSNorm + 2x2 stride-2 transposed conv]
+    -> Head -> logits (B, codebook_size, h, w)
+
+The whole network runs channels-last, so there is no (B, C, H, W) <-> (B, L, C) copy between the convolutional
+stages and the attention layers; only the 3x3 depthwise and the 2x2 resampling convs see a permuted view.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import UViTConfig
+
+
+# --- small building blocks -------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim; statistics in fp32, result in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = (x * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        return x * self.weight if self.weight is not None else x
+
+
+def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift, with (B, D) modulation broadcast over every position of x (B, ..., D)."""
+    view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return x * (1 + scale.view(view)) + shift.view(view)
+
+
+class AdaptiveNorm(nn.Module):
+    """A norm whose output is modulated by the conditioning vector: norm(x) * (1 + scale) + shift,
+    with (scale, shift) = Linear(SiLU(c)) split in two (scale first)."""
+
+    def __init__(self, dim: int, cond_dim: int, kind: str, eps: float, affine: bool, bias: bool):
+        super().__init__()
+        if kind == "rms":
+            self.norm = RMSNorm(dim, eps, affine)
+        elif kind == "layer":  # a true mean-centred LayerNorm
+            self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine, bias=bias)
+        else:
+            raise ValueError(f"unknown norm kind {kind!r}")
+        self.modulation = nn.Linear(cond_dim, 2 * dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.modulation(F.silu(c).to(x.dtype)).chunk(2, dim=-1)
+        return modulate(self.norm(x), scale, shift)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention. Self-attention when `context` is None."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.k = nn.Linear(context_dim, dim, bias=bias)
+        self.v = nn.Linear(context_dim, dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+        self.out_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        B, L, D = x.shape
+        # (B, L, D) -> (B, heads, L, D / heads)
+        q = self.q(x).view(B, L, self.heads, -1).transpose(1, 2)
+        k = self.k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, L, D)
+        return self.out_dropout(self.out(y))
+
+
+class GEGLU(nn.Module):
+    """Linear -> (value, gate) halves -> value * GELU(gate) (exact erf GELU) -> Linear."""
+
+    def __init__(self, dim: int, inner: int, bias: bool, dropout: float):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * inner, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(inner, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(self.dropout(value * F.gelu(gate)))
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-v2 GRN on channels-last maps (B, H, W, C): x + gamma * (x * nx) + beta,
+    nx = per-channel spatial L2 norm divided by its mean over channels."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+# --- the convolutional stages ------------------------------------------------------------------------------------
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 3x3 conv -> RMSNorm -> Linear(C, 4C) -> GELU -> GRN -> Linear(4C, C) -> + input,
+    then modulated by the conditioning vector (after the residual add)."""
+
+    def __init__(self, cfg: UViTConfig):
+        C, bias = cfg.block_out_channels, cfg.use_bias
+        super().__init__()
+        self.depthwise = nn.Conv2d(C, C, kernel_size=3, padding=1, groups=C, bias=bias)
+        self.norm = RMSNorm(C, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        self.fc1 = nn.Linear(C, 4 * C, bias=bias)
+        self.grn = GlobalResponseNorm(4 * C)
+        self.fc2 = nn.Linear(4 * C, C, bias=bias)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.modulation = nn.Linear(cfg.hidden_size, 2 * C, bias=bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, W, C); the conv sees a (B, C, H, W) view of it
+        h = self.depthwise(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        h = self.fc2(self.grn(F.gelu(self.fc1(self.norm(h)))))
+        x = x + self.dropout(h)
+        scale, shift = self.modulation(F.silu(c)).chunk(2, dim=-1)
+        return modulate(x, scale, shift)
+
+
+class TextAttentionBlock(nn.Module):
+    """Two pre-norm cross-attentions from the image tokens to the (re-projected) text; no feed-forward.
+    (The original code named the first one self-attention, but both attend to the text.)"""
+
+    def __init__(self, cfg: UViTConfig):
+        C, bias = cfg.block_out_channels, cfg.use_bias
+        super().__init__()
+        # the text arrives at hidden_size; it is mapped to the stage width when the two differ
+        self.context_proj = nn.Linear(cfg.hidden_size, C, bias=bias) if cfg.hidden_size != C else None
+        self.norm1 = RMSNorm(C, 1e-6)
+        self.attn1 = Attention(C, cfg.block_num_heads, bias=bias, dropout=cfg.attention_dropout)
+        self.norm2 = RMSNorm(C, 1e-6)
+        self.attn2 = Attention(C, cfg.block_num_heads, bias=bias, dropout=cfg.attention_dropout)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if self.context_proj is not None:
+            text = self.context_proj(F.silu(text))
+        x = x.reshape(B, H * W, C)
+        x = x + self.attn1(self.norm1(x), text)
+        x = x + self.attn2(self.norm2(x), text)
+        return x.view(B, H, W, C)
+
+
+class Resample(nn.Module):
+    """RMSNorm over channels, then a 2x2 stride-2 conv (down) or transposed conv (up)."""
+
+    def __init__(self, cfg: UViTConfig, direction: str):
+        C = cfg.block_out_channels
+        super().__init__()
+        self.norm = RMSNorm(C, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        conv_cls = nn.Conv2d if direction == "down" else nn.ConvTranspose2d
+        self.conv = conv_cls(C, C, kernel_size=2, stride=2, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, H, W, C) -> (B, H/2, W/2, C) or (B, 2H, 2W, C)
+        return self.conv(self.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class ConvStage(nn.Module):
+    """n x (ConvNeXtBlock, TextAttentionBlock), with an optional resampling before (down) or after (up)."""
+
+    def __init__(self, cfg: UViTConfig, direction: str, resample: bool):
+        super().__init__()
+        self.direction = direction
+        self.resample = Resample(cfg, direction) if resample else None
+        self.res_blocks = nn.ModuleList(ConvNeXtBlock(cfg) for _ in range(cfg.num_res_blocks))
+        self.attn_blocks = nn.ModuleList(TextAttentionBlock(cfg) for _ in range(cfg.num_res_blocks))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, run) -> torch.Tensor:
+        if self.resample is not None and self.direction == "down":
+            x = self.resample(x)
+        for res_block, attn_block in zip(self.res_blocks, self.attn_blocks):
+            x = run(res_block, x, c)
+            x = run(attn_block, x, text)
+        if self.resample is not None and self.direction == "up":
+            x = self.resample(x)
+        return x
+
+
+# --- the transformer ---------------------------------------------------------------------------------------------
+
+
+class TransformerLayer(nn.Module):
+    """x += SelfAttn(AdaRMS(x)); x += CrossAttn(AdaRMS(x), text); x += GEGLU(AdaLayerNorm(x))."""
+
+    def __init__(self, cfg: UViTConfig):
+        D, bias, eps, affine = cfg.hidden_size, cfg.use_bias, cfg.layer_norm_eps, cfg.ln_elementwise_affine
+        super().__init__()
+        self.attn_norm = AdaptiveNorm(D, D, "rms", eps, affine, bias)
+        self.attn = Attention(D, cfg.num_attention_heads, bias=bias, dropout=cfg.hidden_dropout)
+        self.cross_norm = AdaptiveNorm(D, D, "rms", eps, affine, bias)
+        self.cross_attn = Attention(D, cfg.num_attention_heads, bias=bias, dropout=cfg.hidden_dropout)
+        self.ff_norm = AdaptiveNorm(D, D, "layer", eps, affine, bias)
+        self.ff = GEGLU(D, cfg.intermediate_size, bias, cfg.hidden_dropout)
+        self.ff_dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x, c))
+        x = x + self.cross_attn(self.cross_norm(x, c), text)
+        x = x + self.ff_dropout(self.ff(self.ff_norm(x, c)))
+        return x
+
+
+# --- embeddings and head ------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """values (N,) -> (N, dim) = [cos(v * f_i), sin(v * f_i)], f_i = max_period^(-i / (dim/2)); computed in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    angles = values.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class CondEmbedding(nn.Module):
+    """cat(pooled text (B, cond_embed_dim), sinusoids of the micro-conditions (B, n * enc)) -> MLP -> (B, D)."""
+
+    def __init__(self, cfg: UViTConfig):
+        super().__init__()
+        self.encode_dim = cfg.micro_cond_encode_dim
+        self.num_micro_conds = cfg.num_micro_conds
+        self.fc1 = nn.Linear(cfg.cond_embed_dim + cfg.micro_cond_embed_dim, cfg.hidden_size, bias=cfg.use_bias)
+        self.fc2 = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, pooled: torch.Tensor, micro_conds: torch.Tensor) -> torch.Tensor:
+        B = pooled.shape[0]
+        micro = sinusoidal_embedding(micro_conds.flatten(), self.encode_dim).reshape(B, -1)
+        h = torch.cat([pooled, micro], dim=1).to(self.fc1.weight.dtype)
+        return self.fc2(F.silu(self.fc1(h)))
+
+
+class TokenEmbedding(nn.Module):
+    """ids (B, h, w) -> Embedding -> RMSNorm -> Linear (a 1x1 conv) -> (B, h, w, C)."""
+
+    def __init__(self, cfg: UViTConfig):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.in_channels)
+        self.norm = RMSNorm(cfg.in_channels, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        self.proj = nn.Linear(cfg.in_channels, cfg.block_out_channels, bias=cfg.use_bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(self.embed(ids)))
+
+
+class Head(nn.Module):
+    """(B, h, w, C) -> Linear -> RMSNorm -> Linear -> logits (B, h, w, codebook_size)."""
+
+    def __init__(self, cfg: UViTConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.block_out_channels, cfg.in_channels, bias=cfg.use_bias)
+        self.norm = RMSNorm(cfg.in_channels, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        self.logits = nn.Linear(cfg.in_channels, cfg.codebook_size, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.norm(self.proj(x)))
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+
+
+class UViT(nn.Module):
+    def __init__(self, config: UViTConfig):
+        super().__init__()
+        cfg = self.config = config
+        D, C, bias = cfg.hidden_size, cfg.block_out_channels, cfg.use_bias
+        self.text_proj = nn.Linear(cfg.encoder_hidden_size, D, bias=bias)
+        self.text_norm = RMSNorm(D, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        self.cond_embed = CondEmbedding(cfg)
+        self.token_embed = TokenEmbedding(cfg)
+        self.down = ConvStage(cfg, "down", resample=cfg.downsample)
+        self.to_hidden_norm = RMSNorm(C, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        self.to_hidden = nn.Linear(C, D, bias=bias)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.from_hidden_norm = RMSNorm(D, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        self.from_hidden = nn.Linear(D, C, bias=bias)
+        self.up = ConvStage(cfg, "up", resample=cfg.upsample)
+        self.head = Head(cfg)
+        self.gradient_checkpointing = False
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.logits.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.logits.weight.device
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> "UViT":
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def _run(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def check_inputs(self, input_ids, encoder_hidden_states, pooled_text_emb, micro_conds) -> None:
+        cfg = self.config
+        if input_ids.dim() != 3:
+            raise ValueError(f"input_ids must be a token grid (B, h, w), got shape {tuple(input_ids.shape)}")
+        B, h, w = input_ids.shape
+        f = cfg.grid_factor
+        if h % f or w % f:
+            raise ValueError(f"token grid {h}x{w} is not a multiple of {f}, which this config's down/upsampling needs")
+        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != B or encoder_hidden_states.shape[2] != cfg.encoder_hidden_size:
+            raise ValueError(
+                f"encoder_hidden_states must be (B={B}, L, {cfg.encoder_hidden_size}), got {tuple(encoder_hidden_states.shape)}"
+            )
+        if tuple(pooled_text_emb.shape) != (B, cfg.cond_embed_dim):
+            raise ValueError(f"pooled_text_emb must be ({B}, {cfg.cond_embed_dim}), got {tuple(pooled_text_emb.shape)}")
+        if tuple(micro_conds.shape) != (B, cfg.num_micro_conds):
+            raise ValueError(f"micro_conds must be ({B}, {cfg.num_micro_conds}), got {tuple(micro_conds.shape)}")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, h, w) long, mask id = vocab_size - 1
+        encoder_hidden_states: torch.Tensor,  # (B, L, encoder_hidden_size)
+        pooled_text_emb: torch.Tensor,  # (B, cond_embed_dim)
+        micro_conds: torch.Tensor,  # (B, num_micro_conds)
+    ) -> torch.Tensor:  # logits (B, codebook_size, h, w)
+        self.check_inputs(input_ids, encoder_hidden_states, pooled_text_emb, micro_conds)
+        return self.forward_channels_last(input_ids, encoder_hidden_states, pooled_text_emb, micro_conds).permute(0, 3, 1, 2)
+
+    def forward_channels_last(self, input_ids, encoder_hidden_states, pooled_text_emb, micro_conds) -> torch.Tensor:
+        """As `forward`, but logits stay (B, h, w, codebook_size): the layout the sampler and the loss read."""
+        run = self._run
+        text = self.text_norm(self.text_proj(encoder_hidden_states))  # (B, L, D)
+        c = self.cond_embed(pooled_text_emb, micro_conds).to(text.dtype)  # (B, D)
+
+        x = self.token_embed(input_ids)  # (B, h, w, C)
+        x = self.down(x, c, text, run)  # (B, h', w', C)
+        B, H, W, C = x.shape
+        x = self.to_hidden(self.to_hidden_norm(x.reshape(B, H * W, C)))  # (B, h'w', D)
+        for layer in self.layers:
+            x = run(layer, x, c, text)
+        x = self.from_hidden(self.from_hidden_norm(x)).view(B, H, W, C)  # (B, h', w', C)
+        x = self.up(x, c, text, run)  # (B, h, w, C)
+        return self.head(x)  # (B, h, w, codebook_size)
