@@ -106,11 +106,22 @@ def reference_pipeline(kind: str, seed: int = 0):
 def save_published(pipe, directory: str | Path, fp16_variant: bool = False) -> Path:
     """Write `pipe` in the published folder layout (fp32 files, and the fp16 variant files too when asked)."""
     d = Path(directory)
-    pipe.save_pretrained(d)
     if fp16_variant:
+        # Casting to fp16 and back would leave the in-memory reference rounded to fp16 precision: keep the exact
+        # fp32 tensors and put them back. Writing the fp32 files last also leaves fp32 in the config.json files
+        # (transformers 5 loads a text encoder in the dtype its config names).
+        exact = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in _models(pipe).items()}
         pipe.to(torch.float16)
         try:
             pipe.save_pretrained(d, variant="fp16")
         finally:
             pipe.to(torch.float32)
+            for name, m in _models(pipe).items():
+                m.load_state_dict(exact[name])
+            del exact
+    pipe.save_pretrained(d)
     return d
+
+
+def _models(pipe) -> dict[str, nn.Module]:
+    return {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}

@@ -1,0 +1,221 @@
+"""One door in: `load_components(path_or_id)` for every format a user may hold.
+
+Formats, recognised by a marker file at the top of the folder:
+
+| format | marker | loaded by |
+|---|---|---|
+| published diffusers pipeline (amused/amused-256, -512, or any `save_pretrained` of one) | `model_index.json` | `load_published` here |
+| ours (`save_components`) | `muse.json` | `convert.ours.load_ours` |
+| open-muse original checkpoints | `transformer/config.json` naming `MaskGiTUViT`/`MaskGiTUViT_v2` | `convert.open_muse.load_open_muse` |
+
+A hub id (`owner/name`) is fetched into, or found in, the local hub cache first (`convert.hub`). Weights are read
+memory-mapped from safetensors (or through the weights-only unpickler) into modules built on the meta device, so
+nothing is initialised randomly and then overwritten. `diffusers` is never imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from uvit import UViTConfig
+from vqgan import VQGANConfig
+
+from .components import MASKING_SCHEDULES, Components, default_scheduler_config
+from .hub import resolve_pipeline_dir
+from .mapping import ConversionError
+from .networks import uvit_from_diffusers, vqgan_from_diffusers
+from .safe_load import CheckpointError, read_json, read_sharded_safetensors, read_weights
+from .text_encoder import load_text_encoder, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES = ("AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline")
+OURS_MARKER = "muse.json"
+DIFFUSERS_MARKER = "model_index.json"
+
+__all__ = ["Components", "load_components", "save_components", "export_diffusers", "detect_format", "load_published"]
+
+
+# --- finding weight files ------------------------------------------------------------------------------------------
+
+
+def find_weights(folder: Path, stems: Iterable[str], variant: str | None = None) -> Path:
+    """The weights file of one component folder: `{stem}[.{variant}].safetensors`, its sharded index, or a
+    weights-only `.bin`. Raises CheckpointError naming the folder and what was looked for."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: component folder is missing")
+    tag = f".{variant}" if variant else ""
+    tried = []
+    for ext in (".safetensors", ".safetensors.index.json", ".bin"):
+        for stem in stems:
+            p = folder / f"{stem}{tag}{ext}"
+            tried.append(p.name)
+            if p.is_file():
+                return p
+    present = sorted(p.name for p in folder.iterdir() if p.is_file() and (".safetensors" in p.name or p.suffix == ".bin"))
+    hint = ""
+    if variant and present:
+        hint = f"; it holds {present}: load without the {variant!r} variant"
+    elif not variant and present:
+        hint = f"; it holds {present}: load with the matching variant (e.g. variant='fp16')"
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(tried)}){hint}")
+
+
+def read_component_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".safetensors.index.json"):
+        return read_sharded_safetensors(path)
+    return read_weights(path)
+
+
+# --- published (diffusers) pipeline folders ------------------------------------------------------------------------
+
+
+def _check_class(config: dict, path: Path, expected: str | tuple[str, ...]) -> None:
+    expected = (expected,) if isinstance(expected, str) else expected
+    name = config.get("_class_name")
+    if name is not None and name not in expected:
+        raise CheckpointError(f"{path}: config is for a {name}, expected {' or '.join(expected)}")
+
+
+def _network_from_folder(folder: Path, variant, dtype, stems, class_name, build: Callable, config_cls, what: str):
+    config_path = folder / "config.json"
+    config = read_json(config_path, f"{what} config")
+    _check_class(config, config_path, class_name)
+    try:
+        config_cls.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: invalid {what} config ({e})") from None
+    weights = find_weights(folder, stems, variant)
+    state_dict = read_component_weights(weights)
+    try:
+        return build(config, state_dict, dtype=dtype)
+    except ConversionError as e:
+        raise CheckpointError(f"{weights}: does not match {config_path}: {e}") from None
+
+
+def load_published(folder: str | Path, dtype: torch.dtype | None = None, variant: str | None = None, progress=None) -> Components:
+    """A diffusers aMUSEd pipeline folder (amused.md section 1) -> our Components."""
+    folder = Path(folder)
+    index_path = folder / DIFFUSERS_MARKER
+    index = read_json(index_path, "pipeline index")
+    _check_class(index, index_path, PIPELINE_CLASSES)
+    for name in ("transformer", "vqvae", "text_encoder"):
+        if not (folder / name).is_dir():
+            raise CheckpointError(f"{folder}: the {name}/ component folder is missing (a published aMUSEd pipeline has "
+                                  "transformer/, vqvae/, text_encoder/, tokenizer/ and scheduler/)")
+    step = progress or (lambda name: None)
+
+    step("transformer")
+    transformer = _network_from_folder(folder / "transformer", variant, dtype, ("diffusion_pytorch_model",),
+                                       "UVit2DModel", uvit_from_diffusers, UViTConfig, "U-ViT")
+    step("vqvae")
+    vqvae = _network_from_folder(folder / "vqvae", variant, dtype, ("diffusion_pytorch_model",),
+                                 "VQModel", vqgan_from_diffusers, VQGANConfig, "VQ-GAN")
+    step("text_encoder")
+    te_folder = folder / "text_encoder"
+    te_weights = find_weights(te_folder, ("model", "pytorch_model"), variant)
+    text_encoder = load_text_encoder(te_folder, read_component_weights(te_weights), te_weights, dtype)
+    step("tokenizer")
+    tokenizer = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
+    step("scheduler")
+    scheduler = scheduler_config_from(folder / "scheduler" / "scheduler_config.json", transformer.config)
+    return Components(transformer, vqvae, text_encoder, tokenizer, scheduler, source=str(folder))
+
+
+def scheduler_config_from(path: Path, uvit_config: UViTConfig) -> dict:
+    """{"mask_token_id", "masking_schedule"} from a scheduler config file, checked against the transformer."""
+    if not path.is_file():
+        log.info("%s missing: using mask id %d (vocab_size - 1) and the cosine schedule", path, uvit_config.mask_token_id)
+        return default_scheduler_config(uvit_config.mask_token_id)
+    raw = read_json(path, "scheduler config")
+    _check_class(raw, path, "AmusedScheduler")
+    config = default_scheduler_config(raw.get("mask_token_id", uvit_config.mask_token_id))
+    config["masking_schedule"] = raw.get("masking_schedule", "cosine")
+    return check_scheduler_config(config, uvit_config, path)
+
+
+def check_scheduler_config(config: dict, uvit_config: UViTConfig, path) -> dict:
+    if config["masking_schedule"] not in MASKING_SCHEDULES:
+        raise CheckpointError(f"{path}: masking_schedule {config['masking_schedule']!r} is not one of {MASKING_SCHEDULES}")
+    mask = config["mask_token_id"]
+    if not (uvit_config.codebook_size <= mask < uvit_config.vocab_size):
+        raise CheckpointError(
+            f"{path}: mask_token_id {mask} is not a non-code token of the transformer "
+            f"(codes are 0..{uvit_config.codebook_size - 1}, vocab_size {uvit_config.vocab_size})"
+        )
+    return config
+
+
+# --- the door ------------------------------------------------------------------------------------------------------
+
+
+def detect_format(folder: Path) -> str:
+    """'ours', 'diffusers' or 'open-muse', from the folder's marker files."""
+    if (folder / OURS_MARKER).is_file():
+        return "ours"
+    if (folder / DIFFUSERS_MARKER).is_file():
+        return "diffusers"
+    from .open_muse import is_open_muse_folder
+
+    if is_open_muse_folder(folder):
+        return "open-muse"
+    found = sorted(p.name for p in folder.iterdir())[:12] if folder.is_dir() else []
+    raise CheckpointError(
+        f"{folder}: not a checkpoint folder this loader knows: expected {DIFFUSERS_MARKER} (a published diffusers "
+        f"pipeline), {OURS_MARKER} (ours) or transformer/config.json naming an open-muse MaskGiTUViT; found {found}"
+    )
+
+
+def load_components(
+    path_or_id: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device=None,
+    variant: str | None = None,
+    *,
+    revision: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Components:
+    """Load an aMUSEd pipeline from a published diffusers folder, one of ours, an open-muse checkpoint folder, or a
+    hub id (fetched into / found in the local hub cache). `dtype` (default float32) applies to all three networks;
+    `variant` picks the variant weight files (e.g. "fp16") of a diffusers folder; `progress(name)` is called before
+    each component loads."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    dtype = dtype or torch.float32
+    folder = resolve_pipeline_dir(path_or_id, variant=variant, revision=revision)
+    kind = detect_format(folder)
+    if kind == "diffusers":
+        components = load_published(folder, dtype, variant, progress)
+    elif kind == "ours":
+        from .ours import load_ours
+
+        if variant:
+            log.warning("%s: our format has no weight variants; ignoring variant=%r", folder, variant)
+        components = load_ours(folder, dtype, progress)
+    else:
+        from .open_muse import load_open_muse
+
+        components = load_open_muse(folder, dtype, variant, progress)
+    components.source = str(path_or_id)
+    if device is not None:
+        components.to(device)
+    return components
+
+
+def save_components(components: Components, directory: str | os.PathLike) -> list[Path]:
+    """Write `components` in our format (see `convert.ours`); returns the files written."""
+    from .ours import save_ours
+
+    return save_ours(components, directory)
+
+
+def export_diffusers(components: Components, directory: str | os.PathLike, variant: str | None = None) -> list[Path]:
+    """Write `components` as a diffusers AmusedPipeline folder (see `convert.export`); returns the files written."""
+    from .export import export_pipeline
+
+    return export_pipeline(components, directory, variant)
