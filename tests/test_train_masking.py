@@ -1,0 +1,93 @@
+"""Masking and the masked-token loss, against independent computations of what the reference script does."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.masking import IGNORE, MaskingConfig, apply_masks, draw_masks, masked_cross_entropy
+
+
+def test_loss_equals_cross_entropy_over_the_masked_positions():
+    """Fixed batch, fixed mask: our loss = mean over masked positions of -log softmax(logits)[label], computed here
+    by hand in float64 from the (B, K, h, w) logits the U-ViT returns."""
+    g = torch.Generator().manual_seed(0)
+    B, K, h, w = 3, 16, 4, 5
+    logits = torch.randn(B, K, h, w, generator=g) * 3  # the model's layout
+    tokens = torch.randint(0, K, (B, h, w), generator=g)
+    mask = torch.rand(B, h, w, generator=g) < 0.4
+    mask[0, 0, 0] = True
+    inputs, labels = apply_masks(tokens, mask, mask_id=K + 3)
+    assert torch.equal(inputs[mask], torch.full((int(mask.sum()),), K + 3))
+    assert torch.equal(inputs[~mask], tokens[~mask]) and torch.equal(labels[mask], tokens[mask])
+    assert (labels[~mask] == IGNORE).all()
+
+    loss = masked_cross_entropy(logits.permute(0, 2, 3, 1), labels)  # channels-last view, as the loop passes it
+    terms = []
+    for b, i, j in torch.nonzero(mask).tolist():
+        row = logits[b, :, i, j].double()
+        terms.append(-(row[tokens[b, i, j]] - torch.logsumexp(row, 0)))
+    expected = torch.stack(terms).mean()
+    assert abs(float(loss) - float(expected)) < 1e-5  # fp32 softmax over 16 codes vs float64
+
+
+def test_loss_matches_reference_formula_and_label_smoothing():
+    """The reference: F.cross_entropy(logits (N, K), labels.view(-1), ignore_index=-100, reduction='mean')."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 3, 10, generator=g)
+    labels = torch.randint(0, 10, (2, 3, 3), generator=g)
+    labels[torch.rand(2, 3, 3, generator=g) < 0.5] = IGNORE
+    ref = F.cross_entropy(logits.reshape(-1, 10), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(masked_cross_entropy(logits, labels), ref, atol=1e-6, rtol=0)
+    ref_ls = F.cross_entropy(logits.reshape(-1, 10), labels.view(-1), ignore_index=-100, label_smoothing=0.1)
+    torch.testing.assert_close(masked_cross_entropy(logits, labels, label_smoothing=0.1), ref_ls, atol=1e-6, rtol=0)
+    # an explicit normalizer divides the sum instead (used to average over the global batch under DDP)
+    n = int((labels != IGNORE).sum())
+    torch.testing.assert_close(masked_cross_entropy(logits, labels, normalizer=2 * n), ref / 2, atol=1e-6, rtol=0)
+
+
+def test_masks_are_the_reference_recipe():
+    """The reference, from the same uniform draws: t ~ U(0,1); p = cos(t pi/2) clipped below by min_masking_rate;
+    n = round(L p) >= 1; mask = argsort(U(0,1)^L) < n."""
+    B, h, w, L = 64, 16, 16, 256
+    masks = draw_masks(B, h, w, MaskingConfig(min_masking_rate=0.05), torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    t = torch.rand(B, generator=g)
+    p = torch.cos(t * math.pi * 0.5).clip(0.05)
+    n = (L * p).round().clamp(min=1)
+    expected = torch.rand(B, L, generator=g).argsort(dim=-1) < n.unsqueeze(-1)
+    assert torch.equal(masks.mask.view(B, L), expected)
+    assert torch.equal(masks.mask.flatten(1).sum(1), n.long())  # exactly n per sample
+    # t ~ U(0, 1): E[cos(t pi / 2)] = 2 / pi
+    big = draw_masks(4096, 2, 2, MaskingConfig(), g)
+    assert abs(float(big.ratio.mean()) - 2 / math.pi) < 0.02
+
+
+def test_min_masking_rate_is_a_lower_bound():
+    masks = draw_masks(256, 8, 8, MaskingConfig(min_masking_rate=0.5), torch.Generator().manual_seed(3))
+    assert float(masks.ratio.min()) >= 0.5
+    assert int(masks.mask.flatten(1).sum(1).min()) >= 32
+
+
+def test_rectangular_masks_are_one_rectangle_of_about_the_count():
+    masks = draw_masks(64, 16, 16, MaskingConfig(rect_mask_prob=1.0), torch.Generator().manual_seed(4))
+    for m, r in zip(masks.mask, masks.ratio):
+        rows, cols = torch.nonzero(m, as_tuple=True)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert int(box) == int(m.sum())  # a filled rectangle
+        n = max(1, round(256 * float(r)))
+        assert abs(int(m.sum()) - n) <= max(16, 0.5 * n)  # rounding the width to whole tokens
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_global_masks_split_into_the_same_rows(world):
+    """Every process draws the global batch from the same stream and keeps its rows: together they mask exactly
+    what one process with the whole batch masks."""
+    cfg = MaskingConfig(min_masking_rate=0.1, rect_mask_prob=0.3)
+    whole = draw_masks(8, 4, 4, cfg, torch.Generator().manual_seed(5))
+    per = 8 // world
+    parts = [draw_masks(8, 4, 4, cfg, torch.Generator().manual_seed(5)).rows(r * per, (r + 1) * per) for r in range(world)]
+    assert torch.equal(torch.cat([p.mask for p in parts]), whole.mask)
