@@ -1,0 +1,436 @@
+"""The aMUSEd pipeline: text to image, image to image and inpainting, composed from our networks and `sampling`.
+
+    prompt -> CLIP text tower -> TextConditioning (B, D) + (B, 77, D)
+    start tokens (B, h, w): all masked (text to image) / VQ tokens of the image, partly masked (image to image,
+    inpainting)
+    for each step: U-ViT logits (2B, h, w, K) -> guidance -> sampling.decode_step -> tokens
+    tokens -> VQ-GAN decode -> pixels in [0, 1]
+
+With default arguments every call computes what diffusers' AmusedPipeline / AmusedImg2ImgPipeline /
+AmusedInpaintPipeline compute, token for token, consuming the caller's generator in the same order. Argument names
+follow those pipelines. Where the reference is defective we differ, and say so:
+  - image to image at strength 1.0 masks every token (the reference masks none and returns the input);
+  - inpainting uses the linear schedule for its own calls only (the reference switches a shared scheduler to it
+    for good);
+  - inpainting can paste the original pixels back outside the mask (`paste_unmasked=True`; off by default);
+  - prompt embeddings without negative embeddings work (the negative prompt is encoded), a single negative prompt
+    applies to every prompt, a list of generators gives each image its own random stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import sampling
+from sampling import Generators, MaskingSchedule, ScheduleLike
+
+from .images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
+from .text import TextConditioning, encode_text
+
+# Where the embedded default model lives (our checkpoint format); `python -m muse generate` uses it without --model.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+MASK_COUNT_BASES = ("sequence", "masked")
+
+
+@dataclass
+class SamplingOptions:
+    """The arguments common to `Pipeline.__call__`, `img2img` and `inpaint` (names and defaults of the reference).
+
+    negative_prompt: str or one per prompt; "" when guidance is on and none is given.
+    num_inference_steps: decoding steps N (img2img / inpaint run the last int(N * strength) of them).
+    guidance_scale: classifier-free guidance, on when > 1.
+    generator: a torch.Generator, or a list with one per image (image i then draws only from generator i).
+    num_images_per_prompt: images per prompt; the batch is tiled [p0, p1, p0, p1, ...] as the reference.
+    temperature: re-masking (Gumbel) temperature, a (start, end) pair annealed linearly, or a start value
+        annealed to 0.01.
+    micro_conditioning_aesthetic_score, micro_conditioning_crop_coord: micro-conditions of the U-ViT.
+    output_type: "pil" (list of images), "np" (float array (N, H, W, 3) in [0, 1]), "latent" (ids (N, h, w)).
+    callback(step, timestep, tokens): called every `callback_steps` steps with the tokens (N, h, w) after the step.
+    prompt_embeds + encoder_hidden_states: precomputed text conditioning instead of `prompt` (both or neither);
+    negative_prompt_embeds + negative_encoder_hidden_states: the same for the negative prompt (optional).
+    Knobs beyond the reference (defaults reproduce it):
+    masking_schedule: None = the pipeline's (cosine; linear for inpainting), or 'cosine', 'linear', 'arccos',
+        'power', 'power:<exponent>', a sampling.MaskingSchedule.
+    sampling_temperature: divides the logits before each token draw (1 = the reference).
+    guidance_schedule: 'constant' (the reference), 'linear' or 'cosine' ramps up to guidance_scale.
+    mask_count_base: 'sequence' = masked counts are a fraction of the whole token grid (the reference), 'masked' =
+        a fraction of each image's tokens masked at the start.
+    progress_bar: show a tqdm bar over the steps.
+    """
+
+    negative_prompt: str | Sequence[str] | None = None
+    num_inference_steps: int = 12
+    guidance_scale: float = 10.0
+    generator: Generators = None
+    num_images_per_prompt: int = 1
+    temperature: float | tuple[float, float] = (2, 0)
+    micro_conditioning_aesthetic_score: float = 6
+    micro_conditioning_crop_coord: tuple[int, int] = (0, 0)
+    output_type: str = "pil"
+    callback: Callable[[int, int, torch.Tensor], None] | None = None
+    callback_steps: int = 1
+    prompt_embeds: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_encoder_hidden_states: torch.Tensor | None = None
+    masking_schedule: ScheduleLike | None = None
+    sampling_temperature: float = 1.0
+    guidance_schedule: str = "constant"
+    mask_count_base: str = "sequence"
+    progress_bar: bool = True
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> "SamplingOptions":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown argument(s) {', '.join(unknown)}; the options are: {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    def __post_init__(self):
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {self.num_inference_steps!r}")
+        if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {self.num_images_per_prompt!r}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+        if self.callback_steps < 1:
+            raise ValueError(f"callback_steps must be >= 1, got {self.callback_steps}")
+        if not self.sampling_temperature > 0:
+            raise ValueError(f"sampling_temperature must be > 0, got {self.sampling_temperature}")
+        if self.guidance_schedule not in sampling.GUIDANCE_SCHEDULES:
+            raise ValueError(
+                f"guidance_schedule must be one of {', '.join(sampling.GUIDANCE_SCHEDULES)}, got {self.guidance_schedule!r}"
+            )
+        if self.mask_count_base not in MASK_COUNT_BASES:
+            raise ValueError(f"mask_count_base must be one of {', '.join(MASK_COUNT_BASES)}, got {self.mask_count_base!r}")
+        if self.masking_schedule is not None:
+            self.masking_schedule = MaskingSchedule.parse(self.masking_schedule)
+        for a, b in (("prompt_embeds", "encoder_hidden_states"), ("negative_prompt_embeds", "negative_encoder_hidden_states")):
+            if (getattr(self, a) is None) != (getattr(self, b) is None):
+                raise ValueError(f"pass both `{a}` and `{b}`, or neither")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass
+class _Start:
+    """Where decoding starts: the tokens (B, h, w), the first step, and how the masked counts are scaled."""
+
+    tokens: torch.Tensor
+    first_step: int
+    starting_mask_ratio: float | torch.Tensor = 1.0
+    schedule: MaskingSchedule | None = None
+
+
+class Pipeline:
+    """Text to image (`pipe(prompt)`), image to image (`pipe.img2img`) and inpainting (`pipe.inpaint`) with aMUSEd.
+
+    Build it from loaded components (`Pipeline.from_pretrained(path_or_id)`) or from the networks:
+    transformer (uvit.UViT), vqvae (vqgan.VQGAN), text_encoder (transformers CLIPTextModelWithProjection),
+    tokenizer (CLIPTokenizer). `masking_schedule` is the schedule of text to image and image to image."""
+
+    inpaint_masking_schedule = MaskingSchedule("linear")  # the reference's inpainting schedule
+
+    def __init__(
+        self,
+        transformer,
+        vqvae,
+        text_encoder,
+        tokenizer,
+        masking_schedule: ScheduleLike = "cosine",
+        mask_token_id: int | None = None,
+    ):
+        self.transformer = transformer
+        self.vqvae = vqvae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.masking_schedule = MaskingSchedule.parse(masking_schedule)
+        self.mask_token_id = transformer.mask_token_id if mask_token_id is None else int(mask_token_id)
+        cfg = transformer.config
+        if self.mask_token_id < cfg.codebook_size or self.mask_token_id >= cfg.vocab_size:
+            raise ValueError(
+                f"mask_token_id {self.mask_token_id} must be a U-ViT input id outside the codebook "
+                f"([{cfg.codebook_size}, {cfg.vocab_size}))"
+            )
+        if vqvae.quantizer.num_codes != cfg.codebook_size:
+            raise ValueError(
+                f"the VQ-GAN has {vqvae.quantizer.num_codes} codes but the U-ViT predicts {cfg.codebook_size}"
+            )
+
+    # --- construction and placement ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        variant: str | None = None,
+    ) -> "Pipeline":
+        """Load a published folder / hub id (diffusers layout) or one of ours, through `convert.load_components`."""
+        from convert import load_components
+
+        c = load_components(path_or_id, dtype=dtype, device=device, variant=variant)
+        cfg = c.scheduler_config or {}
+        return cls(
+            c.transformer,
+            c.vqvae,
+            c.text_encoder,
+            c.tokenizer,
+            masking_schedule=cfg.get("masking_schedule", "cosine"),
+            mask_token_id=cfg.get("mask_token_id"),
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
+        """Move (and cast) the three networks."""
+        for m in (self.transformer, self.vqvae, self.text_encoder):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per token side (16 for the published VQ-GAN)."""
+        return self.vqvae.downsample_factor
+
+    # --- text -----------------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt(s) -> (prompt_embeds (B, D), encoder_hidden_states (B, 77, D)), ready to pass back as arguments."""
+        cond = encode_text(self.tokenizer, self.text_encoder, [prompt] if isinstance(prompt, str) else list(prompt))
+        return cond.prompt_embeds, cond.encoder_hidden_states
+
+    def _text_conditioning(self, prompt, opts: SamplingOptions) -> TextConditioning:
+        """The U-ViT's text batch: rows [negative x N; positive x N] with guidance, positive x N without
+        (N = num_images_per_prompt, tiled). Each prompt batch is encoded in its own text-encoder call, as the
+        reference does."""
+        if (prompt is None) == (opts.prompt_embeds is None):
+            raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:
+                raise ValueError("prompt is an empty list; pass at least one prompt")
+            positive = encode_text(self.tokenizer, self.text_encoder, prompts)
+        else:
+            positive = TextConditioning(opts.prompt_embeds, opts.encoder_hidden_states)
+        n = len(positive)
+        cond = positive.repeat(opts.num_images_per_prompt)
+        if not opts.guided:
+            return cond
+        if opts.negative_prompt_embeds is not None:
+            negative = TextConditioning(opts.negative_prompt_embeds, opts.negative_encoder_hidden_states)
+        else:
+            neg = opts.negative_prompt
+            negatives = [""] * n if neg is None else [neg] * n if isinstance(neg, str) else list(neg)
+            if len(negatives) != n:
+                raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts; pass one per prompt or a single one")
+            negative = encode_text(self.tokenizer, self.text_encoder, negatives)
+        if len(negative) != n:
+            raise ValueError(f"negative embeddings have {len(negative)} rows but there are {n} prompts")
+        return TextConditioning.cat(negative.repeat(opts.num_images_per_prompt), cond)
+
+    # --- the three calls --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        **options,
+    ):
+        """Text to image. `height`/`width` default to the model's sample size; `latents` (N, h, w) are optional
+        starting tokens (mask id where unknown). Other arguments: see `SamplingOptions`."""
+        opts = SamplingOptions.from_kwargs(options)
+        f = self.vae_scale_factor
+        default = self.transformer.config.sample_size * f
+        height, width = height or default, width or default
+        for name, v in (("height", height), ("width", width)):
+            if v % f:
+                raise ValueError(f"{name} {v} is not a multiple of {f} pixels (one token is {f}x{f} pixels)")
+        grid = (height // f, width // f)
+        cond = self._text_conditioning(prompt, opts)
+        batch = len(cond) // 2 if opts.guided else len(cond)
+        self._check_grid(grid)
+        if latents is None:
+            tokens = torch.full((batch, *grid), self.mask_token_id, dtype=torch.long, device=self.device)
+        else:
+            if tuple(latents.shape) != (batch, *grid):
+                raise ValueError(f"latents must be {(batch, *grid)} token ids, got {tuple(latents.shape)}")
+            tokens = latents.to(self.device, torch.long)
+        start = _Start(tokens, first_step=0, schedule=opts.masking_schedule or self.masking_schedule)
+        return self._generate(start, cond, (height, width), opts)
+
+    @torch.no_grad()
+    def img2img(self, prompt: str | Sequence[str] | None, image: ImageInput, strength: float = 0.5, **options):
+        """Image to image: the image's tokens, each masked with probability schedule(start / N), are decoded for the
+        last int(N * strength) steps (start = N - that). At strength 1 every token is masked (the reference masks
+        none: a defect). `image`: one image (used for every prompt) or one per prompt, sides multiples of 16 px."""
+        opts = SamplingOptions.from_kwargs(options)
+        first = self._first_step(strength, opts.num_inference_steps)
+        cond = self._text_conditioning(prompt, opts)
+        pixels, tokens = self._encode_image(image, len(cond), opts)
+        schedule = opts.masking_schedule or self.masking_schedule
+        ratio = sampling.mask_ratio(schedule, first - 1, opts.num_inference_steps, device=tokens.device)
+        if isinstance(opts.generator, torch.Generator) or opts.generator is None:
+            # the reference's order: mask the per-prompt tokens with the one generator, then tile
+            tokens = sampling.random_mask(tokens, ratio, self.mask_token_id, opts.generator)
+            tokens = tokens.repeat(opts.num_images_per_prompt, 1, 1)
+        else:  # one generator per image: tile first, then each image masks its own tokens
+            tokens = tokens.repeat(opts.num_images_per_prompt, 1, 1)
+            tokens = sampling.random_mask(tokens, ratio, self.mask_token_id, opts.generator)
+        start = _Start(tokens, first_step=first, schedule=schedule)
+        return self._generate(start, cond, tuple(pixels.shape[-2:]), opts)
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        prompt: str | Sequence[str] | None,
+        image: ImageInput,
+        mask_image: ImageInput,
+        strength: float = 1.0,
+        paste_unmasked: bool = False,
+        **options,
+    ):
+        """Inpainting: tokens under the mask (white = repaint; the mask is brought straight to the token grid and
+        binarised at 0.5) are masked and decoded over the last int(N * strength) steps with the linear schedule;
+        the masked counts are scaled by the masked fraction (the reference's rule). The whole image is decoded from
+        tokens, so pixels outside the mask are VQ reconstructions; `paste_unmasked=True` puts the original pixels
+        back there (using the mask at full resolution)."""
+        opts = SamplingOptions.from_kwargs(options)
+        if paste_unmasked and opts.output_type == "latent":
+            raise ValueError("paste_unmasked works on pixels; it cannot return output_type='latent'")
+        first = self._first_step(strength, opts.num_inference_steps)
+        cond = self._text_conditioning(prompt, opts)
+        pixels, tokens = self._encode_image(image, len(cond), opts)
+        token_mask, pixel_mask = mask_to_tensor(mask_image, tuple(pixels.shape[-2:]), tuple(tokens.shape[-2:]))
+        if token_mask.shape[0] not in (1, tokens.shape[0]):
+            raise ValueError(f"got {token_mask.shape[0]} masks for {tokens.shape[0]} images; pass one mask or one per image")
+        token_mask = token_mask.to(tokens.device).expand_as(tokens)
+        if not token_mask.any():
+            raise ValueError("mask_image masks no token (no area at or above 0.5 at the token grid): nothing to repaint")
+        tokens = torch.where(token_mask, self.mask_token_id, tokens)
+        masked_fraction = token_mask.sum() / tokens.numel()  # over the whole batch, as the reference
+        tokens = tokens.repeat(opts.num_images_per_prompt, 1, 1)
+        start = _Start(tokens, first, masked_fraction, opts.masking_schedule or self.inpaint_masking_schedule)
+        out = self._generate(start, cond, tuple(pixels.shape[-2:]), opts, return_pixels=paste_unmasked)
+        if not paste_unmasked:
+            return out
+        n = opts.num_images_per_prompt
+        original = pixels.to(out.device).expand(len(tokens) // n, -1, -1, -1).repeat(n, 1, 1, 1)
+        keep = pixel_mask.to(out.device).expand(len(tokens) // n, -1, -1, -1).repeat(n, 1, 1, 1)
+        return self._format(torch.where(keep, out, original), opts.output_type)
+
+    # --- shared machinery -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _first_step(strength: float, num_steps: int) -> int:
+        """Index of the first step run for `strength` (the last int(N * strength) steps run)."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_steps!r}")
+        n = int(num_steps * strength)
+        if n < 1:
+            raise ValueError(
+                f"strength {strength} of {num_steps} steps runs no step (int(steps * strength) = 0); raise either"
+            )
+        return num_steps - n
+
+    def _check_grid(self, grid: tuple[int, int]) -> None:
+        g = self.transformer.config.grid_factor
+        if grid[0] % g or grid[1] % g or min(grid) < 1:
+            f = self.vae_scale_factor
+            raise ValueError(
+                f"a {grid[1] * f}x{grid[0] * f} image is a {grid[1]}x{grid[0]} token grid, but this model needs token "
+                f"grid sides that are positive multiples of {g} (image sides multiples of {g * f} px)"
+            )
+
+    def _encode_image(self, image: ImageInput, rows: int, opts: SamplingOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        """image(s) -> (pixels (P, 3, H, W), VQ tokens (P, h, w)), P = the number of prompts (a single image is used
+        for every prompt)."""
+        prompts = rows // (2 if opts.guided else 1) // opts.num_images_per_prompt
+        pixels = image_to_tensor(image, self.vae_scale_factor)
+        if pixels.shape[0] not in (1, prompts):
+            raise ValueError(f"got {pixels.shape[0]} images for {prompts} prompts; pass one image or one per prompt")
+        self._check_grid((pixels.shape[-2] // self.vae_scale_factor, pixels.shape[-1] // self.vae_scale_factor))
+        tokens = self.vqvae.encode(pixels.to(self.vqvae.device, self.vqvae.dtype)).to(self.device)
+        if tokens.shape[0] != prompts:
+            pixels, tokens = pixels.expand(prompts, -1, -1, -1), tokens.expand(prompts, -1, -1).clone()
+        return pixels, tokens
+
+    def _generate(self, start: _Start, cond: TextConditioning, size: tuple[int, int], opts: SamplingOptions, return_pixels=False):
+        """Decode from `start` and format the output (or return pixels (B, 3, H, W) in [0, 1] when `return_pixels`)."""
+        tokens = self._decode(start, cond, size, opts)
+        if opts.output_type == "latent" and not return_pixels:
+            return tokens
+        pixels = self.vqvae.decode(tokens.to(self.vqvae.device)).clamp(0, 1)  # (B, 3, H, W) fp32
+        return pixels if return_pixels else self._format(pixels, opts.output_type)
+
+    @staticmethod
+    def _format(pixels: torch.Tensor, output_type: str):
+        """pixels (B, 3, H, W) in [0, 1] -> float array (B, H, W, 3) ("np") or PIL images ("pil")."""
+        images = to_numpy(pixels)
+        return images if output_type == "np" else to_pil(images)
+
+    def _decode(self, start: _Start, cond: TextConditioning, size: tuple[int, int], opts: SamplingOptions) -> torch.Tensor:
+        """The decoding loop: tokens (B, h, w) -> fully decoded tokens (B, h, w)."""
+        tokens = start.tokens
+        B, h, w = tokens.shape
+        N, device = opts.num_inference_steps, self.device
+        if isinstance(opts.generator, (list, tuple)) and len(opts.generator) != B:
+            raise ValueError(f"got {len(opts.generator)} generators for {B} images; pass one per image or a single one")
+        cond = cond.to(device, self.transformer.dtype)
+        H, W = size
+        crop = opts.micro_conditioning_crop_coord
+        micro = torch.tensor(
+            [W, H, crop[0], crop[1], opts.micro_conditioning_aesthetic_score],
+            device=device,
+            dtype=cond.encoder_hidden_states.dtype,
+        )[None].expand(len(cond), -1)  # (rows, 5), the same row for every sample
+        self.transformer.check_inputs(tokens.repeat(len(cond) // B, 1, 1), cond.encoder_hidden_states, cond.prompt_embeds, micro)
+
+        remask_temperatures = sampling.remask_temperatures(N, opts.temperature, device=device)
+        scales = sampling.guidance_scales(N, opts.guidance_scale, opts.guidance_schedule)
+        ratio, num_tokens = start.starting_mask_ratio, None
+        if opts.mask_count_base == "masked":
+            # a fraction of each image's initially masked tokens, rescaled so the count at the start is all of them
+            num_tokens = (tokens == self.mask_token_id).sum(dim=(1, 2))[:, None]
+            ratio = 1.0 / sampling.mask_ratio(start.schedule, start.first_step - 1, N, device=device)
+
+        for i in tqdm(range(start.first_step, N), desc="decoding", disable=not opts.progress_bar, leave=False):
+            model_input = torch.cat([tokens, tokens]) if opts.guided else tokens  # (rows, h, w)
+            logits = self.transformer.forward_channels_last(
+                model_input, cond.encoder_hidden_states, cond.prompt_embeds, micro
+            )  # (rows, h, w, K)
+            if opts.guided:
+                logits = sampling.classifier_free_guidance(logits, scales[i])  # (B, h, w, K)
+            flat, _ = sampling.decode_step(
+                logits.reshape(B, h * w, -1),
+                tokens.reshape(B, h * w),
+                i,
+                N,
+                mask_token_id=self.mask_token_id,
+                schedule=start.schedule,
+                remask_temperature=remask_temperatures[i],
+                generator=opts.generator,
+                starting_mask_ratio=ratio,
+                num_tokens=num_tokens,
+                sampling_temperature=opts.sampling_temperature,
+            )
+            tokens = flat.view(B, h, w)
+            if opts.callback is not None and i % opts.callback_steps == 0:
+                opts.callback(i, N - 1 - i, tokens)
+        return tokens
