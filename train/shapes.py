@@ -1,0 +1,247 @@
+"""A synthetic captioned image dataset: one axis-aligned shape on a plain background, 64x64, deterministic from a seed.
+
+Every image is described by a `Scene` row: a shape (circle, square, triangle) of a named colour, a size (small,
+medium, large), a position on a 3x3 grid (top left ... bottom right) with a little jitter, and a background of
+another named colour. Its caption always names the shape, its colour and the background, and sometimes (each with
+probability 1/2) the size and the position:
+
+    "a red circle on a blue background"
+    "a small red circle at the top left on a blue background"
+
+Some (colour, shape, background) triples never appear in the training split (`HELDOUT`); the `heldout` split draws
+only from them, so a model's prompt adherence can be measured on combinations it has never seen.
+
+Rendering is anti-aliased (4x4 supersampling per pixel) and vectorised: `render(scenes)` draws a whole batch at
+once, on any device. `python -m train.shapes eval` reports the shipped model's adherence (see `evaluate`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, fields
+
+import torch
+
+IMAGE_SIZE = 64
+SUPERSAMPLE = 4  # subsamples per pixel side for anti-aliasing
+
+# Named colours, RGB in 0..255. Chosen far apart so a judge can name a colour from pixels alone.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (245, 215, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "orange": (245, 130, 20),
+    "purple": (140, 50, 180),
+}
+COLOUR_NAMES = tuple(COLOURS)
+SHAPES = ("circle", "square", "triangle")
+# half the side of the shape's bounding box, in pixels
+SIZES: dict[str, float] = {"small": 6.0, "medium": 9.0, "large": 13.0}
+SIZE_NAMES = tuple(SIZES)
+# 3x3 grid of positions: name -> (row, column); centres at 16, 32, 48 pixels
+POSITIONS: dict[str, tuple[int, int]] = {
+    "top left": (0, 0), "top": (0, 1), "top right": (0, 2),
+    "left": (1, 0), "center": (1, 1), "right": (1, 2),
+    "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2),
+}  # fmt: skip
+POSITION_NAMES = tuple(POSITIONS)
+# the words a caption uses for each position
+POSITION_PHRASES: dict[str, str] = {
+    "top left": "at the top left", "top": "at the top", "top right": "at the top right",
+    "left": "on the left", "center": "in the center", "right": "on the right",
+    "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right",
+}  # fmt: skip
+GRID_CENTRES = (16.0, 32.0, 48.0)
+JITTER = 2.0  # the shape's centre moves up to this many pixels from its grid centre, each axis
+
+
+def _is_heldout(colour: int, background: int, shape: int) -> bool:
+    """The rule that picks held-out triples: about one in eight (colour, background) pairs loses one shape, chosen so
+    that every colour, shape and background, and every pair of them, still appears in training."""
+    return (colour + 2 * background + 3 * shape) % 8 == 0
+
+
+ALL_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
+    (c, b, s)
+    for (ci, c), (bi, b), (si, s) in itertools.product(enumerate(COLOUR_NAMES), enumerate(COLOUR_NAMES), enumerate(SHAPES))
+    if c != b
+)
+HELDOUT: tuple[tuple[str, str, str], ...] = tuple(
+    t for t in ALL_TRIPLES if _is_heldout(COLOUR_NAMES.index(t[0]), COLOUR_NAMES.index(t[1]), SHAPES.index(t[2]))
+)
+TRAIN_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(t for t in ALL_TRIPLES if t not in set(HELDOUT))
+SPLITS = {"train": TRAIN_TRIPLES, "heldout": HELDOUT}
+
+
+@dataclass
+class Scenes:
+    """A batch of scene descriptions, one row per image (all tensors of shape (N,), on the CPU)."""
+
+    colour: torch.Tensor  # long, index into COLOUR_NAMES
+    background: torch.Tensor  # long, index into COLOUR_NAMES, never equal to colour
+    shape: torch.Tensor  # long, index into SHAPES
+    size: torch.Tensor  # long, index into SIZE_NAMES
+    position: torch.Tensor  # long, index into POSITION_NAMES
+    cx: torch.Tensor  # float, centre in pixels (x to the right)
+    cy: torch.Tensor  # float, centre in pixels (y downwards)
+    mention_size: torch.Tensor  # bool, whether the caption names the size
+    mention_position: torch.Tensor  # bool, whether the caption names the position
+
+    def __len__(self) -> int:
+        return len(self.colour)
+
+    def __getitem__(self, index) -> "Scenes":
+        return Scenes(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @property
+    def half(self) -> torch.Tensor:
+        """Half side of each shape's bounding box, in pixels (N,)."""
+        return torch.tensor(list(SIZES.values()))[self.size]
+
+    def attributes(self, i: int) -> dict[str, str]:
+        """The named attributes of scene i that its caption states (what a judge should check)."""
+        out = {
+            "background": COLOUR_NAMES[int(self.background[i])],
+            "colour": COLOUR_NAMES[int(self.colour[i])],
+            "shape": SHAPES[int(self.shape[i])],
+        }
+        if self.mention_size[i]:
+            out["size"] = SIZE_NAMES[int(self.size[i])]
+        if self.mention_position[i]:
+            out["position"] = POSITION_NAMES[int(self.position[i])]
+        return out
+
+
+def sample_scenes(n: int, seed: int, split: str = "train", mention_prob: float = 0.5) -> Scenes:
+    """Draw n scenes from a split ('train' or 'heldout'), deterministically from `seed`.
+
+    Triples (colour, background, shape) are uniform over the split's triples; size, position and jitter are uniform;
+    the caption mentions the size and the position each with probability `mention_prob`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    triples = torch.tensor([[COLOUR_NAMES.index(c), COLOUR_NAMES.index(b), SHAPES.index(s)] for c, b, s in SPLITS[split]])
+    pick = triples[torch.randint(len(triples), (n,), generator=g)]  # (n, 3)
+    size = torch.randint(len(SIZES), (n,), generator=g)
+    position = torch.randint(len(POSITIONS), (n,), generator=g)
+    jitter = (torch.rand(n, 2, generator=g) * 2 - 1) * JITTER
+    mentions = torch.rand(n, 2, generator=g) < mention_prob
+    rows_cols = torch.tensor(list(POSITIONS.values()))[position]  # (n, 2) as (row, col)
+    centres = torch.tensor(GRID_CENTRES)
+    return Scenes(
+        colour=pick[:, 0],
+        background=pick[:, 1],
+        shape=pick[:, 2],
+        size=size,
+        position=position,
+        cx=centres[rows_cols[:, 1]] + jitter[:, 0],
+        cy=centres[rows_cols[:, 0]] + jitter[:, 1],
+        mention_size=mentions[:, 0],
+        mention_position=mentions[:, 1],
+    )
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(colour: str, shape: str, background: str, size: str | None = None, position: str | None = None) -> str:
+    """'a [size] <colour> <shape> [position phrase] on a <background> background'."""
+    if position is not None and position not in POSITION_PHRASES:
+        raise ValueError(f"unknown position {position!r}; expected one of {list(POSITION_PHRASES)}")
+    words = [w for w in (size, colour, shape) if w is not None]
+    text = f"{_article(words[0])} {' '.join(words)}"
+    if position is not None:
+        text += " " + POSITION_PHRASES[position]
+    return f"{text} on {_article(background)} {background} background"
+
+
+def captions(scenes: Scenes) -> list[str]:
+    """The caption of every scene."""
+    out = []
+    for i in range(len(scenes)):
+        a = scenes.attributes(i)
+        out.append(caption(a["colour"], a["shape"], a["background"], a.get("size"), a.get("position")))
+    return out
+
+
+def _palette(device) -> torch.Tensor:
+    """(num colours, 3) float in [0, 1]."""
+    return torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 255.0
+
+
+def _inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Whether each subsample at offset (dx, dy) from the centre lies inside the shape of half side h."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= h * h
+    if shape == "square":
+        return (dx.abs() <= h) & (dy.abs() <= h)
+    # triangle: apex at (cx, cy - h), base from (cx - h, cy + h) to (cx + h, cy + h)
+    return (dy <= h) & (2 * dx.abs() <= dy + h)
+
+
+def coverage(scenes: Scenes, device="cpu", size: int = IMAGE_SIZE) -> torch.Tensor:
+    """The fraction of each pixel that the shape covers, (N, size, size) in [0, 1] (4x4 supersampling)."""
+    n, s = len(scenes), SUPERSAMPLE
+    t = (torch.arange(size * s, device=device, dtype=torch.float32) + 0.5) / s  # subsample centres, pixel units
+    y, x = t.view(1, -1, 1), t.view(1, 1, -1)
+    cx, cy = scenes.cx.to(device).view(n, 1, 1).float(), scenes.cy.to(device).view(n, 1, 1).float()
+    h = scenes.half.to(device).view(n, 1, 1)
+    dx, dy = x - cx, y - cy  # (N, S*size, S*size) by broadcasting
+    kind = scenes.shape.to(device)
+    inside = torch.empty(n, size * s, size * s, device=device)
+    for k, shape in enumerate(SHAPES):  # each image evaluates only its own shape's test
+        sel = (kind == k).nonzero().squeeze(1)
+        if len(sel):
+            inside[sel] = _inside(shape, dx[sel], dy[sel], h[sel]).float()
+    return torch.nn.functional.avg_pool2d(inside.unsqueeze(1), s).squeeze(1)  # (N, size, size)
+
+
+def render(scenes: Scenes, device="cpu", chunk: int = 512) -> torch.Tensor:
+    """Draw the scenes: (N, 3, 64, 64) float32 in [0, 1] on `device`."""
+    pal = _palette(device)
+    out = []
+    for start in range(0, len(scenes), chunk):
+        part = scenes[start : start + chunk]
+        alpha = coverage(part, device).unsqueeze(1)  # (n, 1, H, W)
+        fg = pal[part.colour.to(device)].view(-1, 3, 1, 1)
+        bg = pal[part.background.to(device)].view(-1, 3, 1, 1)
+        out.append(bg + alpha * (fg - bg))
+    if not out:
+        return torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    return torch.cat(out)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """A map-style dataset of `length` rendered scenes, deterministic from `seed`: item i is
+    {"image": (3, 64, 64) float in [0, 1], "caption": str, "attributes": dict}."""
+
+    def __init__(self, length: int, seed: int = 0, split: str = "train"):
+        self.scenes = sample_scenes(length, seed, split)
+        self.captions = captions(self.scenes)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} scenes")
+        i = i % len(self)
+        return {
+            "image": render(self.scenes[i : i + 1])[0],
+            "caption": self.captions[i],
+            "attributes": self.scenes.attributes(i),
+        }
+
+
+def stream(batch_size: int, seed: int, split: str = "train", device="cpu"):
+    """An endless, deterministic iterator of (images (B, 3, 64, 64) on `device`, captions) batches; batch k is drawn
+    from seed (seed, k), so a run restarted from batch k sees the same data."""
+    for k in itertools.count():
+        scenes = sample_scenes(batch_size, seed * 1_000_003 + k, split)
+        yield render(scenes, device), captions(scenes)
