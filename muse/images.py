@@ -53,13 +53,14 @@ def make_grid(images: Sequence[PIL.Image.Image], cols: int | None = None) -> PIL
 # --- in ------------------------------------------------------------------------------------------------------------
 
 
-def load_image(path: str | Path, mode: str = "RGB") -> PIL.Image.Image:
-    """Open an image file and convert it to `mode` (RGB for images, L for masks)."""
+def load_image(path: str | Path, mode: str | None = "RGB") -> PIL.Image.Image:
+    """Open an image file, converted to `mode` (None: as stored)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
     with PIL.Image.open(path) as im:
-        return im.convert(mode)
+        im.load()
+        return im.convert(mode) if mode else im.copy()
 
 
 def _as_list(image) -> list:

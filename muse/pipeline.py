@@ -38,6 +38,16 @@ from .text import TextConditioning, encode_text
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+def default_model_dir() -> Path:
+    """The embedded default model's folder, or a clear error when this installation has none."""
+    if not DEFAULT_MODEL_DIR.is_dir() or not any(DEFAULT_MODEL_DIR.iterdir()):
+        raise FileNotFoundError(
+            f"no embedded default model found at {DEFAULT_MODEL_DIR}; pass --model PATH_OR_ID on the command line "
+            "(or a path or hub id to Pipeline.from_pretrained)"
+        )
+    return DEFAULT_MODEL_DIR
 MASK_COUNT_BASES = ("sequence", "masked")
 
 
@@ -173,15 +183,17 @@ class Pipeline:
     @classmethod
     def from_pretrained(
         cls,
-        path_or_id: str | Path,
+        path_or_id: str | Path | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         variant: str | None = None,
     ) -> "Pipeline":
-        """Load a published folder / hub id (diffusers layout) or one of ours, through `convert.load_components`."""
+        """Load a published folder / hub id (diffusers layout), one of ours or an open-muse checkpoint folder, through
+        `convert.load_components`; None loads the embedded default model."""
         from convert import load_components
 
-        c = load_components(path_or_id, dtype=dtype, device=device, variant=variant)
+        path_or_id = default_model_dir() if path_or_id is None else path_or_id
+        c = load_components(str(path_or_id), dtype=dtype, device=device, variant=variant)
         cfg = c.scheduler_config or {}
         return cls(
             c.transformer,
@@ -410,7 +422,7 @@ class Pipeline:
             num_tokens = (tokens == self.mask_token_id).sum(dim=(1, 2))[:, None]
             ratio = 1.0 / sampling.mask_ratio(start.schedule, start.first_step - 1, N, device=device)
 
-        for i in tqdm(range(start.first_step, N), desc="decoding", disable=not opts.progress_bar, leave=False):
+        for i in tqdm(range(start.first_step, N), desc="decoding", disable=not opts.progress_bar):
             model_input = torch.cat([tokens, tokens]) if opts.guided else tokens  # (rows, h, w)
             logits = self.transformer.forward_channels_last(
                 model_input, cond.encoder_hidden_states, cond.prompt_embeds, micro

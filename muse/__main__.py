@@ -1,0 +1,7 @@
+"""`python -m muse`: see muse/cli.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
