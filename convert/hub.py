@@ -21,14 +21,15 @@ def is_hub_id(path_or_id: str) -> bool:
     return bool(_HUB_ID.match(str(path_or_id))) and not Path(path_or_id).exists()
 
 
-def pipeline_patterns(variant: str | None) -> list[str]:
-    """The files of a published aMUSEd pipeline repository that loading needs (one weight precision only)."""
-    weights = (
-        [f"*/*.{variant}.safetensors", f"*/*.{variant}.safetensors.index.json"]
-        if variant
-        else ["*/diffusion_pytorch_model.safetensors", "*/model.safetensors", "*/*.safetensors.index.json",
-              "*/diffusion_pytorch_model-*.safetensors", "*/model-*.safetensors"]
-    )
+def pipeline_patterns(variant: str | None, sharded: bool = True) -> list[str]:
+    """The files of a published aMUSEd pipeline repository that loading needs (one weight precision only).
+    `sharded` adds the names of split weight files (the published repositories have none)."""
+    if variant:
+        weights = [f"*/*.{variant}.safetensors"] + ([f"*/*.safetensors.index.{variant}.json", f"*/*.{variant}.safetensors.index.json"] if sharded else [])
+    else:
+        weights = ["*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
+        if sharded:
+            weights += ["*/*.safetensors.index.json", "*/diffusion_pytorch_model-*.safetensors", "*/model-*.safetensors"]
     return ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"] + weights
 
 
@@ -54,7 +55,7 @@ def _cache_dir() -> str | None:
 
 
 def download_instructions(repo_id: str, variant: str | None, revision: str | None = None) -> str:
-    include = " ".join(f"'{p}'" for p in pipeline_patterns(variant))
+    include = " ".join(f"'{p}'" for p in pipeline_patterns(variant, sharded=False))
     rev = f" --revision {revision}" if revision else ""
     return (
         f"on a machine with network, run\n    hf download {repo_id}{rev} --include {include}\n"

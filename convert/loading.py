@@ -50,13 +50,17 @@ def find_weights(folder: Path, stems: Iterable[str], variant: str | None = None)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: component folder is missing")
     tag = f".{variant}" if variant else ""
+    names = []
+    for stem in stems:
+        names += [f"{stem}{tag}.safetensors", f"{stem}{tag}.safetensors.index.json"]
+        if variant:  # diffusers' current name for a variant's shard index
+            names.append(f"{stem}.safetensors.index.{variant}.json")
+    names += [f"{stem}{tag}.bin" for stem in stems]
     tried = []
-    for ext in (".safetensors", ".safetensors.index.json", ".bin"):
-        for stem in stems:
-            p = folder / f"{stem}{tag}{ext}"
-            tried.append(p.name)
-            if p.is_file():
-                return p
+    for name in names:
+        tried.append(name)
+        if (folder / name).is_file():
+            return folder / name
     present = sorted(p.name for p in folder.iterdir() if p.is_file() and (".safetensors" in p.name or p.suffix == ".bin"))
     hint = ""
     if variant and present:
@@ -67,7 +71,7 @@ def find_weights(folder: Path, stems: Iterable[str], variant: str | None = None)
 
 
 def read_component_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.name.endswith(".safetensors.index.json"):
+    if ".safetensors.index" in path.name:
         return read_sharded_safetensors(path)
     return read_weights(path)
 

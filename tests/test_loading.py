@@ -174,3 +174,116 @@ def test_fp16_variant_outputs_match_diffusers_fp16(kind, loaded, diffusers_fp16)
         pb = ref["vqvae"].decode(vq_ids, force_not_quantize=True, shape=(1, 2, 2, ref["vqvae"].config.latent_channels)).sample
         assert torch.isfinite(pb).all()
         assert rel_err(pa, pb) <= FP16_TOL
+
+
+# --- our format -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ours_dir(loaded, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ours-tiny-512")
+    convert.save_components(loaded("tiny-512"), d)
+    return d
+
+
+def test_our_format_round_trips_exactly(loaded, ours_dir):
+    a, b = loaded("tiny-512"), convert.load_components(str(ours_dir))
+    for name in ("transformer", "vqvae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert b.transformer.config == a.transformer.config and b.vqvae.config == a.vqvae.config
+    assert b.scheduler_config == a.scheduler_config
+    assert torch.equal(tokens(b.tokenizer), tokens(a.tokenizer))
+
+
+def test_our_format_is_readable_json_and_safetensors(ours_dir):
+    import json
+
+    index = json.loads((ours_dir / "muse.json").read_text())
+    assert index["format"] == "muse" and index["components"][:3] == ["transformer", "vqvae", "text_encoder"]
+    cfg = json.loads((ours_dir / "transformer" / "config.json").read_text())
+    assert cfg["_class"] == "uvit.UViT" and cfg["downsample"] is True
+    names = set(read_safetensors(ours_dir / "transformer" / "model.safetensors"))
+    assert "layers.0.attn.q.weight" in names  # our parameter names, not diffusers'
+
+
+def test_our_format_and_published_folders_load_without_diffusers(ours_dir, published_dirs):
+    """Library code never imports diffusers: load both formats with `import diffusers` made to fail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.modules['diffusers'] = None\n"
+        "import convert, torch\n"
+        f"c = convert.load_components({str(ours_dir)!r})\n"
+        f"p = convert.load_components({str(published_dirs('tiny-512'))!r})\n"
+        "ids = torch.zeros(1, 8, 8, dtype=torch.long)\n"
+        "out = c.transformer(ids, torch.zeros(1, 77, 32), torch.zeros(1, 32), torch.zeros(1, 5))\n"
+        "assert torch.equal(out, p.transformer(ids, torch.zeros(1, 77, 32), torch.zeros(1, 32), torch.zeros(1, 5)))\n"
+        "assert not any(m == 'diffusers' or m.startswith('diffusers.') for m in sys.modules if sys.modules[m] is not None)\n"
+        "print('ok')\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# --- tokenizer forms --------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_loads_from_vocab_and_merges_and_without_files(tmp_path, reference_pipelines):
+    from convert.clip_tokenizer import write_clip_tokenizer_files
+    from convert.text_encoder import load_tokenizer
+
+    ref = tokens(reference_pipelines("tiny-256").tokenizer)
+    classic = load_tokenizer(write_clip_tokenizer_files(tmp_path / "classic"))  # vocab.json + merges.txt
+    rebuilt = load_tokenizer(None)  # no files: built from open_clip's merges
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert torch.equal(tokens(classic), ref) and torch.equal(tokens(rebuilt), ref)
+    assert torch.equal(tokens(load_tokenizer(empty)), ref)
+
+
+def test_missing_tokenizer_folder_is_rebuilt_offline(published_dirs, tmp_path, reference_pipelines):
+    import shutil
+
+    d = tmp_path / "no-tokenizer"
+    shutil.copytree(published_dirs("tiny-256"), d, ignore=shutil.ignore_patterns("*.fp16.*", "tokenizer"))
+    c = convert.load_components(str(d))
+    assert torch.equal(tokens(c.tokenizer), tokens(reference_pipelines("tiny-256").tokenizer))
+
+
+# --- hub ids ----------------------------------------------------------------------------------------------------
+
+
+def _hub_cache(root, repo_id: str, folder, revision="0123456789abcdef0123456789abcdef01234567"):
+    """Arrange `folder` in a hub cache as huggingface_hub lays it out: models--owner--name/snapshots/<rev>, refs/main."""
+    import shutil
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return root
+
+
+def test_hub_id_loads_from_the_local_cache_offline(published_dirs, tmp_path, monkeypatch, reference_pipelines):
+    cache = _hub_cache(tmp_path / "hub", "amused/amused-256", published_dirs("tiny-256"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    c = convert.load_components("amused/amused-256", variant="fp16", dtype=torch.float16)
+    assert c.source == "amused/amused-256" and c.transformer.dtype == torch.float16
+    ref = reference_pipelines("tiny-256").transformer
+    assert torch.equal(c.transformer.head.logits.weight.flatten(), ref.mlm_layer.conv2.weight.half().flatten())
+
+
+def test_hub_id_missing_offline_says_what_to_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(convert.CheckpointError) as e:
+        convert.load_components("amused/amused-512", variant="fp16")
+    msg = str(e.value)
+    assert "amused/amused-512: not in the local hub cache" in msg
+    assert "hf download amused/amused-512 --include" in msg and "'*/*.fp16.safetensors'" in msg
+    assert "huggingface-cli download" in msg

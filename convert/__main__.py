@@ -1,0 +1,160 @@
+"""python -m convert SRC DST [--to ours|diffusers] [--variant fp16] [--dtype float32|float16|bfloat16]
+
+SRC: a published diffusers pipeline folder, a hub id (amused/amused-256), an open-muse checkpoint folder, or one of
+ours. DST is written only when the whole conversion succeeded: everything goes to a temporary folder beside it,
+which is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DTYPES = ("float32", "float16", "bfloat16")
+VARIANT_DEFAULT_DTYPE = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert aMUSEd checkpoints: published diffusers folders or hub ids, open-muse checkpoints and "
+        "our own format, into our format or back into a diffusers pipeline folder.",
+    )
+    p.add_argument("src", metavar="SRC", help="a diffusers pipeline folder, a hub id, an open-muse checkpoint folder, or one of ours")
+    p.add_argument("dst", metavar="DST", help="the folder to write (must not exist, unless --overwrite)")
+    p.add_argument("--to", choices=("ours", "diffusers"), default="ours", help="output format (default: ours)")
+    p.add_argument("--variant", default=None,
+                   help="weight-file variant on the diffusers side: read SRC's *.VARIANT.safetensors, and with "
+                   "--to diffusers write DST's files under that variant (e.g. fp16)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="precision of the written weights (default: float16 with --variant fp16, bfloat16 with "
+                   "--variant bf16, otherwise float32)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) when SRC is a hub id")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once the new one is complete)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    dst = Path(args.dst).expanduser().absolute()
+    if dst.exists() and not args.overwrite:
+        print(f"error: {dst} already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    try:
+        return convert(args, dst)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def convert(args: argparse.Namespace, dst: Path) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .hub import resolve_pipeline_dir
+    from .loading import detect_format, export_diffusers, load_components, save_components
+    from .mapping import ConversionError
+
+    dtype_name = args.dtype or VARIANT_DEFAULT_DTYPE.get(args.variant, "float32")
+    dtype = getattr(torch, dtype_name)
+    steps = ["transformer", "vqvae", "text_encoder", "tokenizer", "scheduler", "write"]
+    bar = tqdm(total=len(steps), desc="resolving", unit="step", file=sys.stderr)
+    tmp = None
+    try:
+        folder = resolve_pipeline_dir(args.src, variant=args.variant, revision=args.revision)
+        kind = detect_format(folder)
+        read_variant = args.variant if kind == "diffusers" else None
+
+        started = []
+
+        def progress(name: str) -> None:  # called as each component starts loading
+            if started:
+                bar.update(1)
+            started.append(name)
+            bar.set_description(f"loading {name}")
+
+        components = load_components(str(folder), dtype=dtype, variant=read_variant, progress=progress)
+        components.source = args.src
+        bar.update(1)
+        bar.set_description(f"writing {args.to}")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; DST gets the permissions of an ordinary folder
+        if args.to == "ours":
+            written = save_components(components, tmp)
+        else:
+            written = export_diffusers(components, tmp, variant=args.variant)
+        written = [Path(w).relative_to(tmp) for w in written]
+        bar.update(1)
+        bar.set_description("done")
+        _replace(tmp, dst)
+        tmp = None
+    except (ConversionError, OSError, ValueError) as e:
+        bar.close()
+        print(f"error: {e}\n{dst} was not written.", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(summary(components, args, kind, dtype_name, dst, [dst / w for w in written]))
+    return 0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+    """Move the finished `tmp` to `dst`; an existing `dst` is removed only after the new one is in place."""
+    if not dst.exists():
+        os.replace(tmp, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except OSError:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def summary(components, args, kind: str, dtype_name: str, dst: Path, written: list[Path]) -> str:
+    params = components.num_parameters()
+    variant = f", {args.variant} variant" if args.variant and kind == "diffusers" else ""
+    lines = [f"converted {args.src} ({kind}{variant}) -> {dst} ({args.to}"
+             + (f", {args.variant} variant" if args.to == "diffusers" and args.variant else "") + ")", ""]
+    lines.append(f"  {'component':<14}{'class':<30}{'parameters':>14}  dtype")
+    for name, module in components.modules().items():
+        dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+        lines.append(f"  {name:<14}{type(module).__name__:<30}{params[name]:>14,}  {dtype}")
+    lines.append(f"  {'total':<44}{sum(params.values()):>14,}")
+    tok = components.tokenizer
+    lines.append(f"  {'tokenizer':<14}{type(tok).__name__:<30}  vocab {len(tok):,}, pads with {tok.pad_token} to {tok.model_max_length}")
+    sc = components.scheduler_config
+    lines.append(f"  {'scheduler':<14}mask id {sc['mask_token_id']}, {sc['masking_schedule']} schedule")
+    total = sum(p.stat().st_size for p in written)
+    lines += ["", f"files written ({len(written)}, {_size(total)}):"]
+    lines += [f"  {p.relative_to(dst)}  {_size(p.stat().st_size)}" for p in written]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
