@@ -246,12 +246,12 @@ def test_clip_score_prefers_the_matching_caption(tmp_path):
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(fid_metric, tmp_path):
     """The reference set is read from a folder (the command's path); the generated sets are the same images with
     Gaussian pixel noise of growing strength (one fixed noise pattern, scaled)."""
-    images = _pictures(6, size=(32, 32), seed=1)
+    images = _pictures(4, size=(32, 32), seed=1)
     for i, im in enumerate(images):
         im.save(tmp_path / f"{i}.png")
     reference, n = fid_metric.reference_statistics(tmp_path, (32, 32))
-    assert n == 6
-    noise = torch.randn(6, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    assert n == 4
+    noise = torch.randn(4, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).float()
     fids = []
     for sigma in (0, 12, 48):
@@ -329,17 +329,17 @@ def test_command_stops_before_generating_when_weights_are_missing(tmp_path, monk
 def test_evaluate_writes_table_plot_and_grids(tmp_path, clip_weights, fid_metric):
     ref = tmp_path / "ref"
     ref.mkdir()
-    for i, im in enumerate(_pictures(4, size=(48, 40), seed=9)):  # another size and aspect: fitted to 32x32
+    for i, im in enumerate(_pictures(2, size=(48, 40), seed=9)):  # another size and aspect: fitted to 32x32
         im.save(ref / f"{i}.png")
     settings = expand_grid(guidance_scales=[1.0, 4.0])
     out = tmp_path / "out"
     clip = ClipScorer(CLIP_MODEL, str(clip_weights), offline=True)
-    rows = evaluate(CountingGenerator(), settings, PROMPTS[:2], [0, 1], out, batch_size=3, clip=clip, fid=fid_metric,
+    rows = evaluate(CountingGenerator(), settings, PROMPTS[:2], [0], out, batch_size=3, clip=clip, fid=fid_metric,
                     fid_reference=ref, progress=False)
 
     assert len(rows) == 2
     for row in rows:
-        assert row["num_images"] == 4 and row["seconds_per_image"] > 0
+        assert row["num_images"] == 2 and row["seconds_per_image"] > 0
         assert 0 <= row["clip_score"] <= 100 and row["fid"] > 0
     table = list(csv.DictReader((out / "results.csv").open()))
     assert [r["label"] for r in table] == [r["label"] for r in rows]
@@ -347,14 +347,14 @@ def test_evaluate_writes_table_plot_and_grids(tmp_path, clip_weights, fid_metric
     info = json.loads((out / "results.json").read_text())["info"]
     assert "torch-fidelity" in info["metrics"]["fid"]["implementation"]
     assert "bilinear" in info["metrics"]["fid"]["resizing"]
-    assert info["metrics"]["fid"]["num_reference_images"] == {"32x32": 4}
+    assert info["metrics"]["fid"]["num_reference_images"] == {"32x32": 2}
     assert info["metrics"]["clip_score"]["model"] == CLIP_MODEL
     with PIL.Image.open(out / "results_plot.png") as plot:
         assert plot.size[0] > 400
     grids = sorted((out / "grids").glob("*.png"))
     assert len(grids) == 2
     with PIL.Image.open(grids[0]) as g:
-        assert g.size == (2 * 32, 2 * 32)  # a column per prompt, a row per seed
+        assert g.size == (2 * 32, 32)  # a column per prompt, a row per seed
 
 
 def test_metrics_not_requested_are_absent_not_zero(tmp_path):
@@ -366,3 +366,67 @@ def test_metrics_not_requested_are_absent_not_zero(tmp_path):
     assert data["rows"][0]["fid"] is None
     assert data["info"]["metrics"]["fid"]["computed"] is False
     assert (tmp_path / "results_plot.png").is_file()
+
+
+# --- end to end: the command on real models --------------------------------------------------------------------------
+
+
+def _run_command(tmp_path, model, prompts, references, clip_weights, inception_weights, extra=()):
+    """`python -m muse evaluate` (through its argparse entry point) with random-weight metric networks."""
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts))
+    ref = tmp_path / "ref"
+    ref.mkdir(exist_ok=True)
+    for i, im in enumerate(references):
+        im.save(ref / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["--prompts", str(prompt_file), "--out", str(out), "--model", str(model), "--device", "cpu",
+            "--guidance-scales", "1", "4", "--seeds", "0", "--batch-size", "2",
+            "--clip-model", CLIP_MODEL, "--clip-weights", str(clip_weights),
+            "--fid-reference", str(ref), "--fid-weights", str(inception_weights), *extra]
+    assert command_main(args) == 0
+    return out, args
+
+
+def _check_results(out, num_settings, num_images):
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == num_settings
+    for row in rows:
+        assert row["num_images"] == num_images and row["seconds_per_image"] > 0
+        assert 0 <= row["clip_score"] <= 100 and row["fid"] > 0
+    assert (out / "results.csv").is_file() and (out / "results_plot.png").is_file()
+    assert len(list((out / "grids").glob("*.png"))) == num_settings
+    return rows
+
+
+def test_command_end_to_end_on_a_tiny_model_resumes(tmp_path, published_dirs, clip_weights, inception_weights):
+    """A random tiny aMUSEd (32x32 images) in the published layout: generate, score, write; run again: nothing is
+    generated again and the numbers are the same."""
+    out, args = _run_command(tmp_path, published_dirs("tiny-256"), PROMPTS[:2], _pictures(3, size=(32, 32), seed=5),
+                             clip_weights, inception_weights, extra=["--steps", "4"])
+    first = _check_results(out, num_settings=2, num_images=2)
+    assert [r["generated_now"] for r in first] == [2, 2]
+    with PIL.Image.open(out / "images" / first[0]["key"] / "p000000_s0.png") as im:
+        assert im.size == (32, 32)
+    assert command_main(args) == 0
+    second = _check_results(out, num_settings=2, num_images=2)
+    assert [r["generated_now"] for r in second] == [0, 0]
+    assert [(r["clip_score"], r["fid"]) for r in second] == [(r["clip_score"], r["fid"]) for r in first]
+
+
+def test_command_end_to_end_on_the_embedded_default_model(tmp_path, clip_weights, inception_weights):
+    """The shipped default model (64x64 synthetic shapes) on a handful of captions of its domain; FID against shapes
+    rendered by train.shapes."""
+    from muse.pipeline import DEFAULT_MODEL_DIR
+
+    if not DEFAULT_MODEL_DIR.is_dir() or not any(DEFAULT_MODEL_DIR.iterdir()):
+        pytest.skip(f"the embedded default model is not in {DEFAULT_MODEL_DIR} yet")
+    from train import shapes
+
+    prompts = shapes.captions(shapes.sample_scenes(3, seed=0))
+    pixels = shapes.render(shapes.sample_scenes(4, seed=1))  # (4, 3, 64, 64) in [0, 1]
+    references = [PIL.Image.fromarray(a) for a in (pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()]
+    out, _ = _run_command(tmp_path, DEFAULT_MODEL_DIR, prompts, references, clip_weights, inception_weights)
+    rows = _check_results(out, num_settings=2, num_images=3)
+    with PIL.Image.open(out / "images" / rows[0]["key"] / "p000000_s0.png") as im:
+        assert im.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)

@@ -15,6 +15,7 @@ pretrained tags for the model, downloaded when the machine has network. Random w
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -102,6 +103,23 @@ class ClipScorer:
             tokens = self.tokenizer(list(prompts[start : start + self.batch_size])).to(self.device)  # (B, L)
             out.append(clip_score_from_embeddings(self.model.encode_image(pixels), self.model.encode_text(tokens)).cpu())
         return torch.cat(out)
+
+    def scores_of_files(self, paths: Sequence[Path], prompts: Sequence[str]) -> torch.Tensor:
+        """(N,) CLIP score of image file i with prompt i, reading `batch_size` files at a time."""
+        out = []
+        for start in range(0, len(paths), self.batch_size):
+            images = []
+            for p in paths[start : start + self.batch_size]:
+                with PIL.Image.open(p) as im:
+                    images.append(im.convert("RGB"))
+            out.append(self.scores(images, prompts[start : start + self.batch_size]))
+        return torch.cat(out)
+
+    def fingerprint(self) -> str:
+        """Changes when the model, the library or the weights (file) do."""
+        w = Path(self.weights) if self.weights else None
+        stat = [w.stat().st_size, w.stat().st_mtime_ns] if w and w.is_file() else None
+        return json.dumps([self.describe(), stat], sort_keys=True)
 
     def describe(self) -> dict:
         return {

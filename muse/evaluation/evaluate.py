@@ -5,11 +5,18 @@
 
 The metric objects are built by the caller before anything is generated, so missing weights fail at once, not after
 hours of sampling. A metric left out (clip=None, fid=None) is reported as absent, with the reason, never as 0.
+
+Metric values are cached in <out>/metrics_cache.json under a signature of the metric (implementation, weights file)
+and the setting's exact images (files and prompts; and for FID the reference set), so a resumed run scores only the
+settings whose images changed. Images are read from their files in batches, never all at once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +29,7 @@ from .sweep import GenerateFn, Setting, SettingImages, run_sweep
 
 log = logging.getLogger(__name__)
 
+METRICS_CACHE = "metrics_cache.json"
 TIME_NOTE = (
     "seconds_per_image: wall time of one generate call (text encoding, decoding steps, VQ decoding, conversion to "
     "images) divided by its batch size, averaged over the setting's images; images reused from an earlier run keep "
@@ -52,21 +60,25 @@ def evaluate(
     out_dir = Path(out_dir)
     sweep = run_sweep(generate, settings, prompts, seeds, out_dir, batch_size, context, progress)
 
-    reference_stats: dict[tuple[int, int], tuple[dict, int]] = {}  # by image size (W, H)
+    cache = _MetricCache(out_dir / METRICS_CACHE)
+    references: dict[tuple[int, int], tuple[dict, int]] = {}  # reference statistics by image size (W, H)
     rows = []
     for result in sweep:
-        images = _load_images(out_dir, result)
         row = _setting_row(result)
+        files = [out_dir / r.file for r in result.records]
+        images_id = [(r.file, r.prompt) for r in result.records]
         if clip is not None:
-            scores = clip.scores(images, [r.prompt for r in result.records])
-            row["clip_score"] = float(scores.mean())
-            row["clip_score_std"] = float(scores.std()) if len(scores) > 1 else None
+            values = cache.get([clip.fingerprint(), images_id], lambda: _clip_values(clip, files, result))
+            row.update(values)
         if fid is not None:
-            row["fid"], note = _fid(fid, images, fid_reference, reference_stats, out_dir)
-            if note:
-                row["notes"].append(note)
+            if len(files) < 2:
+                row["notes"].append(f"FID absent: it needs at least 2 images per setting, this one has {len(files)}")
+            else:
+                size = _image_size(files[0])
+                signature = [fid.fingerprint(), fid.reference_id(fid_reference, size), images_id]
+                row["fid"] = cache.get(signature, lambda: {"fid": _fid(fid, files, fid_reference, size, references, out_dir)})["fid"]
         rows.append(row)
-        _write_grid(images, result, len(prompts), len(seeds), max_grid_images, out_dir)
+        _write_grid(out_dir, result, len(prompts), len(seeds), max_grid_images)
         log.info("%s: %s", row["label"], {k: row[k] for k in ("seconds_per_image", "clip_score", "fid")})
 
     info = {
@@ -75,13 +87,40 @@ def evaluate(
         "context": context or {},
         "metrics": {
             "clip_score": clip.describe() if clip else {"computed": False, "reason": "not requested (no --clip-model)"},
-            "fid": _fid_info(fid, fid_reference, reference_stats),
+            "fid": _fid_info(fid, fid_reference, references, out_dir, sweep),
             "time": TIME_NOTE,
         },
     }
     report.write_tables(rows, info, out_dir)
-    report.plot_against_guidance(rows, out_dir / "results_plot.png")
+    report.plot_against_guidance(rows, out_dir / "results_plot.png", _plot_title(rows, clip, fid))
     return rows
+
+
+def _plot_title(rows: list[dict], clip: ClipScorer | None, fid: InceptionFID | None) -> str:
+    counts = sorted({r["num_images"] for r in rows})
+    parts = [f"{'/'.join(map(str, counts))} images per setting"]
+    if fid is not None:
+        parts.append("FID: torch-fidelity Inception, TF-compatible bilinear resize to 299")
+    if clip is not None:
+        parts.append(f"CLIP score: open_clip {clip.model_name}")
+    return "; ".join(parts)
+
+
+class _MetricCache:
+    """{signature: values} in a JSON file, written atomically after every new entry."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, signature, compute) -> dict:
+        key = hashlib.sha1(json.dumps(signature, sort_keys=True).encode()).hexdigest()
+        if key not in self.entries:
+            self.entries[key] = compute()
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)
+        return self.entries[key]
 
 
 def _setting_row(result: SettingImages) -> dict:
@@ -100,36 +139,42 @@ def _setting_row(result: SettingImages) -> dict:
     }
 
 
-def _load_images(out_dir: Path, result: SettingImages) -> list[PIL.Image.Image]:
-    images = []
-    for r in result.records:
-        with PIL.Image.open(out_dir / r.file) as im:
-            images.append(im.convert("RGB"))
-    return images
+def _image_size(path: Path) -> tuple[int, int]:
+    with PIL.Image.open(path) as im:
+        return im.size
 
 
-def _fid(fid: InceptionFID, images, reference: str | Path, cache: dict, out_dir: Path) -> tuple[float | None, str | None]:
-    if len(images) < 2:
-        return None, f"FID absent: it needs at least 2 images per setting, this one has {len(images)}"
-    size = images[0].size
-    if size not in cache:
-        cache[size] = fid.reference_statistics(reference, size, cache_dir=out_dir)
-    return frechet_distance(feature_statistics(fid.features(images)), cache[size][0]), None
+def _clip_values(clip: ClipScorer, files: list[Path], result: SettingImages) -> dict:
+    scores = clip.scores_of_files(files, [r.prompt for r in result.records])
+    return {"clip_score": float(scores.mean()), "clip_score_std": float(scores.std()) if len(scores) > 1 else None}
 
 
-def _fid_info(fid: InceptionFID | None, reference, reference_stats: dict) -> dict:
+def _fid(fid: InceptionFID, files: list[Path], reference, size, references: dict, out_dir: Path) -> float:
+    if size not in references:
+        references[size] = fid.reference_statistics(reference, size, cache_dir=out_dir)
+    return frechet_distance(feature_statistics(fid.features_of_files(files)), references[size][0])
+
+
+def _fid_info(fid: InceptionFID | None, reference, references: dict, out_dir: Path, sweep) -> dict:
     if fid is None:
         return {"computed": False, "reason": "not requested (no --fid-reference)"}
-    counts = {f"{w}x{h}": n for (w, h), (_, n) in reference_stats.items()}
+    from .fid import list_images
+
+    sizes = {_image_size(out_dir / r.records[0].file) for r in sweep if r.records}
+    counts = {f"{w}x{h}": len(list_images(reference)) for (w, h) in sorted(sizes)}
     return {**fid.describe(), "reference": str(reference), "num_reference_images": counts,
             "caveat": "FID is biased upwards on small sets; compare numbers computed on equal set sizes only"}
 
 
-def _write_grid(images, result: SettingImages, num_prompts: int, num_seeds: int, max_images: int, out_dir: Path) -> None:
+def _write_grid(out_dir: Path, result: SettingImages, num_prompts: int, num_seeds: int, max_images: int) -> None:
     """A row per seed, a column per prompt (the first ones, at most `max_images` images)."""
     show_prompts, show_seeds = report.grid_shape(num_prompts, num_seeds, max_images)
     # records are in (seed, prompt) order: record j is seed j // num_prompts, prompt j % num_prompts
-    picked = [images[s * num_prompts + p] for s in range(show_seeds) for p in range(show_prompts)]
+    picked = []
+    for s in range(show_seeds):
+        for p in range(show_prompts):
+            with PIL.Image.open(out_dir / result.records[s * num_prompts + p].file) as im:
+                picked.append(im.convert("RGB"))
     folder = out_dir / "grids"
     folder.mkdir(exist_ok=True)
     report.image_grid(picked, show_prompts, folder / f"{result.setting.label()}_{result.key}.png")

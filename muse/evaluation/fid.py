@@ -188,27 +188,34 @@ class InceptionFID:
             out.append(self.features(images))
         return torch.cat(out)
 
-    def reference_statistics(self, folder: str | Path, size: tuple[int, int], cache_dir: Path | None = None) -> tuple[dict, int]:
-        """(statistics, number of images) of a reference folder fitted to `size`; cached in `cache_dir` by the
-        folder's file list (names, byte sizes, modification times), the size and the weights file."""
+    def reference_id(self, folder: str | Path, size: tuple[int, int]) -> str:
+        """Identifies the reference statistics: the folder's file list (names, byte sizes, modification times), the
+        size the images are fitted to, and the weights."""
         files = list_images(folder)
-        cache = None
-        if cache_dir is not None:
-            ident = json.dumps(
-                {
-                    "files": [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
-                    "size": list(size),
-                    "weights": [self.weights.name, self.weights.stat().st_size],
-                }
-            )
-            cache = Path(cache_dir) / f"fid_reference_{hashlib.sha1(ident.encode()).hexdigest()[:12]}.npz"
-            if cache.is_file():
-                with np.load(cache) as z:
-                    return {k: (int(z[k]) if k == "n" else z[k]) for k in z.files}, len(files)
+        ident = {
+            "files": [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+            "size": list(size),
+            "weights": self.fingerprint(),
+        }
+        return hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:12]
+
+    def reference_statistics(self, folder: str | Path, size: tuple[int, int], cache_dir: Path | None = None) -> tuple[dict, int]:
+        """(statistics, number of images) of a reference folder fitted to `size` (W, H); cached in `cache_dir` as
+        fid_reference_<reference_id>.npz."""
+        files = list_images(folder)
+        cache = Path(cache_dir) / f"fid_reference_{self.reference_id(folder, size)}.npz" if cache_dir is not None else None
+        if cache is not None and cache.is_file():
+            with np.load(cache) as z:
+                return {k: (int(z[k]) if k == "n" else z[k]) for k in z.files}, len(files)
         stats = feature_statistics(self.features_of_files(files, size, progress=True))
         if cache is not None:
             np.savez(cache, **stats)
         return stats, len(files)
+
+    def fingerprint(self) -> str:
+        """Changes when the implementation or the weights file does."""
+        st = self.weights.stat()
+        return json.dumps([self.describe()["implementation"], str(self.weights), st.st_size, st.st_mtime_ns])
 
     def describe(self) -> dict:
         from importlib.metadata import version

@@ -28,6 +28,10 @@ class PipelineGenerator:
 
         return str(setting.checkpoint or self.default_model or DEFAULT_MODEL_DIR)
 
+    def prepare(self, setting: Setting) -> None:
+        """Load the setting's model (the sweep calls this outside the timed generate calls)."""
+        self.pipeline(setting)
+
     def pipeline(self, setting: Setting):
         from muse.pipeline import Pipeline
 
@@ -36,6 +40,8 @@ class PipelineGenerator:
             self._pipe = None  # free the previous model first
             pipe = Pipeline.from_pretrained(wanted[0], dtype=self.dtype, device=self.device)
             if setting.lora:
+                if not hasattr(pipe, "load_lora"):
+                    raise NotImplementedError("this muse.Pipeline cannot load LoRA adapters (no load_lora) yet")
                 pipe.load_lora(setting.lora)
             self._pipe, self._loaded = pipe, wanted
         return self._pipe

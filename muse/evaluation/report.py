@@ -60,7 +60,7 @@ def _curve_name(row: dict) -> str:
     return row["label"].split("_", 1)[1] if "_" in row["label"] else row["label"]
 
 
-def plot_against_guidance(rows: Sequence[dict], path: Path) -> Path:
+def plot_against_guidance(rows: Sequence[dict], path: Path, title: str | None = None) -> Path:
     """FID and CLIP score (one panel each) against the guidance scale, one line per other combination of settings,
     as the published aMUSEd quality plots. A metric with no values gets a panel saying it was not computed."""
     import matplotlib
@@ -87,6 +87,8 @@ def plot_against_guidance(rows: Sequence[dict], path: Path) -> Path:
                 ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, f"{metric} not computed", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

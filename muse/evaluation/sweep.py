@@ -116,7 +116,8 @@ def image_seed(seed: int, prompt_index: int) -> int:
     return seed * SEED_STRIDE + prompt_index
 
 
-# generate(setting, prompts, seeds) -> one PIL image per prompt, image i drawn from a generator seeded with seeds[i]
+# generate(setting, prompts, seeds) -> one PIL image per prompt, image i drawn from a generator seeded with seeds[i].
+# A generate object may also have prepare(setting), called untimed before a setting's first batch (model loading).
 GenerateFn = Callable[[Setting, list[str], list[int]], list[PIL.Image.Image]]
 
 
@@ -206,9 +207,12 @@ def run_sweep(
 
     results = []
     bar = tqdm(total=sum(len(p) for *_, p in plan), desc="generating", unit="img", disable=not progress)
+    prepare = getattr(generate, "prepare", None)  # optional: load the setting's model outside the timed calls
     for setting, key, entry, pending in plan:
         folder = out_dir / "images" / key
         folder.mkdir(parents=True, exist_ok=True)
+        if pending and prepare is not None:
+            prepare(setting)
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             batch_prompts = [prompts[i] for _, i in batch]
