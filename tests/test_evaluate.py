@@ -31,7 +31,7 @@ from muse.evaluation import (
     load_prompts,
     run_sweep,
 )
-from muse.evaluation.command import main as command_main
+from muse.cli import main as muse_main
 
 CLIP_MODEL = "ViT-S-32"  # the smallest plain CLIP config open_clip ships (63M parameters, text width = embed dim)
 
@@ -317,7 +317,7 @@ def test_command_stops_before_generating_when_weights_are_missing(tmp_path, monk
     ref = tmp_path / "ref"
     ref.mkdir()
     _pictures(1)[0].save(ref / "0.png")
-    code = command_main(["--prompts", str(prompts), "--out", str(tmp_path / "out"), "--fid-reference", str(ref), "--offline"])
+    code = muse_main(["evaluate", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--fid-reference", str(ref), "--offline"])
     assert code == 2
     assert "weights-inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -372,7 +372,7 @@ def test_metrics_not_requested_are_absent_not_zero(tmp_path):
 
 
 def _run_command(tmp_path, model, prompts, references, clip_weights, inception_weights, extra=()):
-    """`python -m muse evaluate` (through its argparse entry point) with random-weight metric networks."""
+    """`python -m muse evaluate` (the muse CLI's entry point) with random-weight metric networks."""
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(prompts))
     ref = tmp_path / "ref"
@@ -380,11 +380,11 @@ def _run_command(tmp_path, model, prompts, references, clip_weights, inception_w
     for i, im in enumerate(references):
         im.save(ref / f"{i}.png")
     out = tmp_path / "out"
-    args = ["--prompts", str(prompt_file), "--out", str(out), "--model", str(model), "--device", "cpu",
+    args = ["evaluate", "--prompts", str(prompt_file), "--out", str(out), "--model", str(model), "--device", "cpu",
             "--guidance-scales", "1", "4", "--seeds", "0", "--batch-size", "2",
             "--clip-model", CLIP_MODEL, "--clip-weights", str(clip_weights),
             "--fid-reference", str(ref), "--fid-weights", str(inception_weights), *extra]
-    assert command_main(args) == 0
+    assert muse_main(args) == 0
     return out, args
 
 
@@ -408,7 +408,7 @@ def test_command_end_to_end_on_a_tiny_model_resumes(tmp_path, published_dirs, cl
     assert [r["generated_now"] for r in first] == [2, 2]
     with PIL.Image.open(out / "images" / first[0]["key"] / "p000000_s0.png") as im:
         assert im.size == (32, 32)
-    assert command_main(args) == 0
+    assert muse_main(args) == 0
     second = _check_results(out, num_settings=2, num_images=2)
     assert [r["generated_now"] for r in second] == [0, 0]
     assert [(r["clip_score"], r["fid"]) for r in second] == [(r["clip_score"], r["fid"]) for r in first]

@@ -4,7 +4,7 @@
         --clip-model ViT-L-14 --clip-weights open_clip_pytorch_model.bin \
         --fid-reference coco_val/ --fid-weights weights-inception-2015-12-05-6726825d.pth
 
-Registered in the muse CLI with `add_parser(subparsers)`; `python -m muse.evaluation ...` runs it alone.
+Registered in the muse CLI (muse/cli.py, COMMAND_MODULES) through `add_parser(subparsers)`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _temperature(text: str) -> tuple[float, float]:
@@ -67,7 +67,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, type=Path, help="output folder (reused to resume)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="the model's dtype (default: as saved)")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="the model's dtype (default: as saved)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
     g = p.add_argument_group("metrics")
@@ -130,8 +130,3 @@ def _print_table(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['label'][:48]:48s} {r['num_images']:6d} {cell(r['seconds_per_image'], '8.3f')} "
               f"{cell(r['clip_score'], '7.2f')} {cell(r['fid'], '8.2f')}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = configure_parser(argparse.ArgumentParser(prog="python -m muse.evaluation", description=__doc__.split("\n")[0]))
-    return run(parser.parse_args(argv))

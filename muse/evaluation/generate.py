@@ -24,9 +24,9 @@ class PipelineGenerator:
         self._pipe = None
 
     def model_path(self, setting: Setting) -> str:
-        from muse.pipeline import DEFAULT_MODEL_DIR
+        from muse.pipeline import default_model_dir
 
-        return str(setting.checkpoint or self.default_model or DEFAULT_MODEL_DIR)
+        return str(setting.checkpoint or self.default_model or default_model_dir())
 
     def prepare(self, setting: Setting) -> None:
         """Load the setting's model (the sweep calls this outside the timed generate calls)."""
