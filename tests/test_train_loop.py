@@ -1,0 +1,306 @@
+"""The training loop on tiny models (CPU, seconds): it learns, resumes exactly, survives a crash mid-save, drops
+conditioning the right way round, trains with 8-bit AdamW and from a pre-encoded cache; optimizer groups and EMA
+as the reference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from convert.components import Components
+from train import checkpoint
+from train.config import TrainConfig
+from train.loop import batch_conditioning, train
+from uvit import UViT, UViTConfig
+from vqgan import VQGAN, VQGANConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red cube", "a blue ball", "green grass", "yellow sun"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on a shared CI box)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from convert.clip_tokenizer import offline_clip_tokenizer
+
+    return offline_clip_tokenizer()
+
+
+def tiny_components(tokenizer, seed: int = 0) -> Components:
+    """A tiny aMUSEd (32 px images, 8x8 tokens, 64 codes), the same weights for the same seed."""
+    from tests.helpers import randomize_, reference_text_encoder
+
+    torch.manual_seed(seed)
+    transformer = UViT(UViTConfig.tiny())
+    vqvae = randomize_(VQGAN(VQGANConfig.tiny()), seed + 1)
+    return Components(transformer, vqvae, reference_text_encoder("tiny-256", seed + 2), tokenizer, {}, "tiny")
+
+
+def make_images(folder: Path, prompts=PROMPTS, broken: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, p in enumerate(prompts):
+        h, w = (40, 32) if i % 2 else (32, 48)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{p}.png")
+    if broken:
+        (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def config(tmp_path: Path, images: Path, **overrides) -> TrainConfig:
+    base = dict(
+        instance_data_dir=str(images), resolution=32, train_batch_size=4, learning_rate=1e-2, seed=0,
+        output_dir=str(tmp_path / "out"), logging_steps=1000, checkpointing_steps=1000, max_train_steps=4,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_small_model_overfits_a_few_images(tmp_path, tokenizer):
+    """4 images, batch 4, lr 1e-2: within 100 steps the loss (mean of the last 10) falls at least 2.5x below the
+    first step's (about ln 64 = 4.16 at the start)."""
+    cfg = config(tmp_path, make_images(tmp_path / "img"), max_train_steps=100)
+    result = train(cfg, tiny_components(tokenizer))
+    first, last = result.losses[0], sum(result.losses[-10:]) / 10
+    assert first > 3.5
+    assert last < first / 2.5, (first, last)
+    assert (tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_unreadable_image_is_skipped_and_counted_never_a_crash(tmp_path, tokenizer):
+    cfg = config(tmp_path, make_images(tmp_path / "img", broken=True), max_train_steps=3)
+    result = train(cfg, tiny_components(tokenizer))
+    assert result.step == 3 and all(np.isfinite(result.losses))
+    # 5 files, 12 samples drawn: the broken one is met at least twice (once per epoch of 5)
+    assert result.skipped_images >= 2 and result.skipped_names == {str(tmp_path / "img" / "broken.png")}
+
+
+def _checkpoint_files(path: Path) -> dict:
+    out = {"model": load_file(str(path / "model.safetensors"))}
+    if (path / "ema.safetensors").is_file():
+        out["ema"] = load_file(str(path / "ema.safetensors"))
+    out["optimizer"] = checkpoint.load_torch(path / "optimizer.pt")["state"]
+    return out
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        # full fine-tune: accumulation, clipping, EMA, warm-up across the resume point, dropout of the conditioning
+        dict(gradient_accumulation_steps=2, max_grad_norm=1.0, use_ema=True, lr_scheduler="constant_with_warmup",
+             lr_warmup_steps=4, cond_dropout_prob=0.3, rect_mask_prob=0.3, label_smoothing=0.1),
+        # LoRA in fp16 autocast with the grad scaler, LoRA dropout (torch RNG), cosine schedule
+        dict(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.1, mixed_precision="fp16", lr_scheduler="cosine",
+             lr_warmup_steps=2, learning_rate=1e-3),
+        # 8-bit AdamW states (bitsandbytes) in bf16 autocast
+        dict(use_8bit_adam=True, mixed_precision="bf16", learning_rate=3e-3),
+    ],
+    ids=["full", "lora-fp16", "8bit-bf16"],
+)
+def test_resume_continues_exactly(tmp_path, tokenizer, recipe):
+    """6 steps straight == 3 steps, then a new process-like run (fresh models) resumed from the checkpoint for 3."""
+    images = make_images(tmp_path / "img")
+    straight = train(config(tmp_path / "a", images, max_train_steps=6, checkpointing_steps=3, **recipe), tiny_components(tokenizer))
+    first = train(config(tmp_path / "b", images, max_train_steps=3, checkpointing_steps=3, **recipe), tiny_components(tokenizer))
+    second = train(
+        config(tmp_path / "b", images, max_train_steps=6, checkpointing_steps=3, resume_from_checkpoint="latest", **recipe),
+        tiny_components(tokenizer),
+    )
+    assert first.losses + second.losses == straight.losses  # bit for bit
+    _assert_same(_checkpoint_files(tmp_path / "a/out/checkpoint-6"), _checkpoint_files(tmp_path / "b/out/checkpoint-6"))
+
+
+CRASHING_CHILD = """
+import os, sys, time, torch
+torch.set_num_threads(1)
+from pathlib import Path
+import train.checkpoint as ckpt
+from train.loop import train
+from tests.test_train_loop import tiny_components, config
+from convert.clip_tokenizer import offline_clip_tokenizer
+tmp, images, marker = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+saves = []
+real_save = ckpt.save_torch
+def save_then_hang(obj, path):
+    if path.name == "optimizer.pt":
+        saves.append(path)
+        if len(saves) == 2:  # the second checkpoint: write part of the file, then wait to be killed
+            path.write_bytes(b"\\x80\\x02partial")
+            marker.write_text(str(path))
+            time.sleep(600)
+    real_save(obj, path)
+ckpt.save_torch = save_then_hang
+train(config(tmp, images, max_train_steps=6, checkpointing_steps=2), tiny_components(offline_clip_tokenizer()))
+"""
+
+
+def test_save_killed_mid_write_leaves_resume_on_the_previous_checkpoint(tmp_path, tokenizer):
+    images = make_images(tmp_path / "img")
+    marker = tmp_path / "saving"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_CHILD, str(tmp_path / "crash"), str(images), str(marker)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the child never reached its second checkpoint"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)  # dies in the middle of writing checkpoint-4
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    out = tmp_path / "crash" / "out"
+    assert [step for step, _ in checkpoint.checkpoints(out)] == [2]
+    assert any(p.name.startswith(checkpoint.TMP_PREFIX) for p in out.iterdir())  # the half-written save
+    assert checkpoint.resolve(out, "latest") == out / "checkpoint-2"
+    with pytest.raises(FileNotFoundError):
+        checkpoint.resolve(out, "checkpoint-4")
+
+    resumed = train(config(tmp_path / "crash", images, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"), tiny_components(tokenizer))
+    straight = train(config(tmp_path / "ok", images, max_train_steps=4, checkpointing_steps=2), tiny_components(tokenizer))
+    assert resumed.losses == straight.losses[2:]
+    _assert_same(_checkpoint_files(out / "checkpoint-4"), _checkpoint_files(tmp_path / "ok/out/checkpoint-4"))
+    assert not any(p.name.startswith(checkpoint.TMP_PREFIX) for p in out.iterdir())  # cleaned by the next save
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tmp_path, tokenizer):
+    cfg = config(tmp_path, make_images(tmp_path / "img"), max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2, use_lora=True, lora_r=2)
+    train(cfg, tiny_components(tokenizer))
+    assert [s for s, _ in checkpoint.checkpoints(tmp_path / "out")] == [4, 5]
+
+
+def test_conditioning_dropout_replaces_rows_by_the_empty_prompt_after_encoding(tokenizer):
+    from muse.text import encode_text
+
+    te = tiny_components(tokenizer).text_encoder
+
+    def encode(prompts):
+        c = encode_text(tokenizer, te, prompts)
+        return c.encoder_hidden_states, c.prompt_embeds
+
+    empty = encode([""])
+    batch = {"prompt": ["a red cube", "a blue ball", "green grass"]}
+    dropped = torch.tensor([False, True, False])
+    hidden, pooled = batch_conditioning(batch, encode, empty, dropped, torch.device("cpu"))
+    kept_h, kept_p = encode(batch["prompt"])
+    assert torch.equal(hidden[1], empty[0][0]) and torch.equal(pooled[1], empty[1][0])  # dropped: the empty prompt
+    assert torch.equal(hidden[[0, 2]], kept_h[[0, 2]]) and torch.equal(pooled[[0, 2]], kept_p[[0, 2]])  # kept: its own
+    assert not torch.equal(hidden[1], kept_h[1])
+
+
+def test_dropout_probability_one_trains_exactly_as_empty_prompts(tmp_path, tokenizer):
+    """p = 1 drops every prompt (the reference's inverted test would keep them all); p = 0 drops none."""
+    images = make_images(tmp_path / "img")
+    empty_captions = tmp_path / "empty.jsonl"
+    empty_captions.write_text("".join(f'{{"file_name": "{p}.png", "text": ""}}\n' for p in PROMPTS))
+    all_dropped = train(config(tmp_path / "a", images, cond_dropout_prob=1.0), tiny_components(tokenizer))
+    empty_prompts = train(config(tmp_path / "b", images, instance_data_metadata=str(empty_captions)), tiny_components(tokenizer))
+    none_dropped = train(config(tmp_path / "c", images, cond_dropout_prob=0.0), tiny_components(tokenizer))
+    # equal up to the ulps by which encoding "" once (batch 1) and four times (batch 4) differ in fp32
+    np.testing.assert_allclose(all_dropped.losses, empty_prompts.losses, atol=1e-4, rtol=0)
+    assert max(abs(a - b) for a, b in zip(none_dropped.losses, empty_prompts.losses)) > 1e-2
+
+
+def test_8bit_adamw_on_cpu_lowers_the_loss(tmp_path, tokenizer):
+    import bitsandbytes as bnb
+
+    cfg = config(tmp_path, make_images(tmp_path / "img"), max_train_steps=40, use_8bit_adam=True, learning_rate=3e-3)
+    result = train(cfg, tiny_components(tokenizer))
+    first, last = result.losses[0], sum(result.losses[-10:]) / 10
+    assert last < first / 1.8, (first, last)
+    state = checkpoint.load_torch(tmp_path / "out/checkpoint-40/optimizer.pt")["state"]
+    quantized = [s["__bnb_optimizer_quant_state__"] for s in state.values()]  # bitsandbytes' state layout
+    assert any(q["state1"].dtype == torch.uint8 and q["state2"].dtype == torch.uint8 for q in quantized)  # 8-bit moments
+    assert bnb.__version__
+
+
+def test_training_from_a_pre_encoded_cache_frees_the_encoders(tmp_path, tokenizer):
+    images = make_images(tmp_path / "img", broken=True)
+    comps = tiny_components(tokenizer)
+    result = train(config(tmp_path, images, pre_encode=True, max_train_steps=30, cond_dropout_prob=0.1), comps)
+    assert comps.vqvae is None and comps.text_encoder is None  # not resident during training
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] / 1.5
+    cache = tmp_path / "out/pre_encoded/pre_encoded.safetensors"
+    stamp = cache.stat().st_mtime_ns
+    train(config(tmp_path, images, pre_encode=True, max_train_steps=31, resume_from_checkpoint="latest"), tiny_components(tokenizer))
+    assert cache.stat().st_mtime_ns == stamp  # same model, data and resolution: the cache is reused
+
+
+def test_parameter_groups_exempt_what_the_reference_exempts():
+    """The reference's rule on diffusers names ("bias", "layer_norm.weight", "mlm_ln.weight", "embeddings.weight")
+    applied to UVit2DModel picks the same tensors as our groups pick in our U-ViT."""
+    from diffusers import UVit2DModel
+
+    from convert.diffusers_keys import UVIT_KEYMAP
+    from train.optim import NO_DECAY, decay_groups, uvit_rename
+
+    cfg = UViTConfig.tiny()
+    ours = UViT(cfg)
+    theirs = UVit2DModel(**cfg.to_dict())
+    groups = decay_groups(ours.named_parameters(), 0.01, uvit_rename)
+    no_decay_ours = {id(p) for p in groups[1]["params"]}
+    names = {n for n, p in ours.named_parameters() if id(p) in no_decay_ours}
+    expected = {n for n, _ in theirs.named_parameters() if any(nd in n for nd in NO_DECAY)}
+    assert {UVIT_KEYMAP.theirs(n) for n in names} == expected and expected
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+
+
+def test_lr_schedules():
+    from train.optim import lr_multiplier
+
+    assert [lr_multiplier("constant", 3, 10)(s) for s in (0, 5)] == [1.0, 1.0]
+    assert [lr_multiplier("constant_with_warmup", 4, 10)(s) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+    cos = lr_multiplier("cosine", 2, 12)
+    assert cos(1) == 0.5 and cos(2) == 1.0 and abs(cos(7) - 0.5) < 1e-12 and cos(12) == 0.0
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_multiplier("exponential", 0, 1)
+
+
+def test_ema_matches_the_reference_ema_model():
+    """Our EMA and diffusers' EMAModel (what the reference script uses) on the same parameter trajectory."""
+    from diffusers.training_utils import EMAModel
+
+    from train.ema import EMA
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, generator=g))
+    ours = EMA([("p", p)], max_decay=0.99, update_after_step=2)
+    ref = EMAModel([p], decay=0.99, update_after_step=2)
+    for _ in range(30):
+        with torch.no_grad():
+            p.add_(torch.randn(5, generator=g))
+        ours.update()
+        ref.step([p])
+        assert abs(ours.decay() - ref.cur_decay_value) < 1e-12
+        torch.testing.assert_close(ours.shadow["p"], ref.shadow_params[0], atol=1e-6, rtol=0)

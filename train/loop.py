@@ -1,0 +1,445 @@
+"""The training loop: fine-tune the U-ViT of a loaded aMUSEd pipeline on image-caption data. Read it top to bottom.
+
+One optimizer step:
+    for each of `gradient_accumulation_steps` micro-batches:
+        images -> VQ token ids (or read from the pre-encoded cache); prompts -> text conditioning
+        draw masks and conditioning dropout for the global batch, take this process's rows
+        logits = U-ViT(masked ids, text, pooled text, micro-conditions)        (autocast, DDP no_sync but on the last)
+        loss = cross-entropy on the masked tokens / accumulation steps; backward (through the fp16 grad scaler)
+    clip, step, schedule, EMA; log, validate, checkpoint at their intervals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import checkpoint, distributed
+from .config import TrainConfig
+from .data import GlobalBatchSampler, ImageDataset, PreEncodedDataset, build_source, collate, fingerprint, pre_encode, pre_encoded_matches
+from .ema import EMA
+from .lora import CLIP_ALIASES, inject_lora, load_lora_into, save_lora
+from .masking import MaskingConfig, apply_masks, draw_masks, masked_cross_entropy
+from .optim import build_optimizer, build_scheduler, decay_groups, uvit_rename
+from .tracking import Tracker, memory_stats, setup_logging
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done
+    losses: list[float] = field(default_factory=list)  # per optimizer step of this run, mean over processes
+    skipped_images: int = 0  # unreadable images met (each time one was replaced)
+    skipped_names: set[str] = field(default_factory=set)
+    output_dir: Path | None = None
+
+
+def train(cfg: TrainConfig, components=None) -> TrainResult:
+    """Run the training `cfg` describes. `components` (a convert.Components) skips loading the pretrained model:
+    tests and notebooks pass models built in memory; it is trained in place."""
+    if cfg.max_train_steps is None:
+        raise ValueError("--max_train_steps is required")
+    dist = distributed.setup(cfg.device)
+    device = dist.device
+    out = Path(cfg.output_dir)
+    setup_logging(dist.main, out / cfg.logging_dir / "train.log")
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # One seed for the run. The masks, conditioning dropout and data order are drawn for the global batch from
+    # streams every process shares; torch's global RNG (LoRA dropout) differs per process, as data parallel wants.
+    seed = dist.broadcast(cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
+    torch.manual_seed(seed + dist.rank)
+    gen = torch.Generator().manual_seed(seed)
+
+    # --- models ----------------------------------------------------------------------------------------------------
+    if components is None:
+        from convert import load_components
+
+        log.info("loading %s", cfg.pretrained_model_name_or_path)
+        components = load_components(cfg.pretrained_model_name_or_path, variant=cfg.variant, revision=cfg.revision)
+    transformer = prepare_transformer(cfg, components.transformer, device)
+    text_encoder = prepare_text_encoder(cfg, components.text_encoder, device)
+    tokenizer = components.tokenizer
+    vqvae = components.vqvae.requires_grad_(False).eval().to(device)  # the VQ-GAN stays fp32, as the reference
+    mask_id = int((components.scheduler_config or {}).get("mask_token_id", transformer.mask_token_id))
+    trained = {"transformer": [p for p in transformer.parameters() if p.requires_grad]}
+    if cfg.train_text_encoder:
+        trained["text_encoder"] = [p for p in text_encoder.parameters() if p.requires_grad]
+
+    def encode_prompts(prompts: list[str]):
+        """prompts -> (encoder_hidden_states (B, 77, D), prompt_embeds (B, Dc)), with grad when the encoder trains."""
+        from muse.text import encode_text
+
+        fn = encode_text.__wrapped__ if cfg.train_text_encoder else encode_text  # __wrapped__: without no_grad
+        cond = fn(tokenizer, text_encoder, prompts)
+        return cond.encoder_hidden_states, cond.prompt_embeds
+
+    # --- data --------------------------------------------------------------------------------------------------------
+    source = build_source(cfg)
+    dataset = ImageDataset(source, cfg.resolution, seed)
+    log.info("data: %s", source.describe())
+    if cfg.pre_encode:
+        cache = Path(cfg.pre_encoded_dir or out / "pre_encoded")
+        fp = fingerprint([source.describe(), cfg.resolution, components.source, seed, cfg.mixed_precision])
+        if dist.main and not pre_encoded_matches(cache, fp):  # each network in its own dtype; the VQ-GAN in fp32
+            pre_encode(dataset, cache, vqvae, encode_prompts, fp, cfg.train_batch_size, store_dtype=cfg.weight_dtype)
+        dist.barrier()
+        dataset = PreEncodedDataset(cache)
+        empty = (dataset.empty_hidden, dataset.empty_pooled)
+        if not cfg.validation_prompts:  # nothing needs the VQ-GAN or the text encoder any more: free them
+            vqvae = text_encoder = components.vqvae = components.text_encoder = None
+            gc.collect()
+    elif not cfg.train_text_encoder:
+        empty = encode_prompts([""])  # the empty prompt's conditioning, for conditioning dropout
+    else:
+        empty = None  # encoded with every batch, through the trained encoder
+    B, G = cfg.train_batch_size, cfg.train_batch_size * dist.world
+    masking = MaskingConfig(cfg.min_masking_rate, cfg.rect_mask_prob, cfg.label_smoothing)
+
+    # --- optimizer, schedule, grad scaler, EMA -------------------------------------------------------------------------
+    groups = decay_groups(transformer.named_parameters(), cfg.adam_weight_decay, uvit_rename)
+    if cfg.train_text_encoder:  # the reference decays every text-encoder parameter
+        groups.append({"params": trained["text_encoder"], "weight_decay": cfg.adam_weight_decay})
+    lr = cfg.learning_rate * (B * dist.world * cfg.gradient_accumulation_steps if cfg.scale_lr else 1)
+    optimizer = build_optimizer(
+        groups, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay, cfg.adam_epsilon, cfg.use_8bit_adam
+    )
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    ema = None
+    if cfg.use_ema:
+        ema = EMA(trained_named(transformer, text_encoder, cfg), cfg.ema_decay, cfg.ema_update_after_step, cfg.ema_warmup)
+
+    # --- resume ------------------------------------------------------------------------------------------------------
+    step, position = 0, 0  # optimizer steps done; global batches consumed
+    resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)
+    if cfg.resume_from_checkpoint and resume is None:
+        log.info("no checkpoint in %s yet: starting a new run", out)
+    if resume is not None:
+        step, position = load_checkpoint(resume, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
+        log.info("resumed from %s at step %d", resume, step)
+        if step >= cfg.max_train_steps:
+            log.warning("the checkpoint is at step %d >= --max_train_steps %d: nothing to train (raise --max_train_steps)", step, cfg.max_train_steps)
+
+    sampler = GlobalBatchSampler(len(dataset), B, seed, dist.rank, dist.world, start=position)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.dataloader_num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.dataloader_num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),  # worker seeds; leaves torch's global RNG untouched
+    )
+    batches = iter(loader)
+    model = DDP(transformer, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else transformer
+    autocast = torch.autocast(device.type, dtype=cfg.weight_dtype, enabled=cfg.mixed_precision != "no")
+    tracker = Tracker(cfg.report_to, dist.main, cfg.to_dict(), out / cfg.logging_dir)
+    result = TrainResult(step=step, output_dir=out)
+    log.info(
+        "training %s: %d trainable parameters, global batch %d x %d accumulation, %d steps, lr %.3g, %s, device %s x %d",
+        "LoRA adapters" if cfg.use_lora else "the full U-ViT",
+        sum(p.numel() for ps in trained.values() for p in ps),
+        G, cfg.gradient_accumulation_steps, cfg.max_train_steps, lr, cfg.mixed_precision, device, dist.world,
+    )
+
+    # --- the loop ----------------------------------------------------------------------------------------------------
+    bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not dist.main, desc="train")
+    window_loss, window_ratio, window_start = [], [], time.perf_counter()
+    while step < cfg.max_train_steps:
+        step_loss = torch.zeros((), device=device)
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = next(batches)
+            position += 1
+            result.skipped_images += len(batch["skipped"])
+            result.skipped_names.update(batch["skipped"])
+
+            with torch.no_grad():
+                tokens = batch_tokens(batch, vqvae, cfg.split_vae_encode, device)  # (B, h, w)
+            masks = draw_masks(G, *tokens.shape[1:], masking, gen)  # for the global batch; our rows below
+            dropped = torch.rand(G, generator=gen) < cfg.cond_dropout_prob
+            rows = slice(dist.rank * B, (dist.rank + 1) * B)
+            input_ids, labels = apply_masks(tokens, masks.mask[rows], mask_id)
+            hidden, pooled = batch_conditioning(batch, encode_prompts, empty, dropped[rows].to(device), device)
+            micro_conds = batch["micro_conds"].to(device)
+            # the loss is the mean over the GLOBAL batch's masked tokens: DDP averages gradients over processes
+            normalizer = float(masks.mask.sum()) / dist.world
+
+            last = micro == cfg.gradient_accumulation_steps - 1
+            with (model.no_sync() if dist.enabled and not last else contextlib.nullcontext()), autocast:
+                logits = model(input_ids, hidden, pooled, micro_conds).permute(0, 2, 3, 1)  # (B, h, w, K) view
+                loss = masked_cross_entropy(logits, labels, cfg.label_smoothing, normalizer)
+                loss = loss / cfg.gradient_accumulation_steps
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
+            window_ratio.append(float(masks.ratio.mean()))
+
+        if cfg.train_text_encoder:
+            dist.average_gradients(trained["text_encoder"])
+        if cfg.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for ps in trained.values() for p in ps], cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
+        scheduler.step()
+        step += 1
+        if ema is not None:
+            ema.update()
+
+        loss_value = float(dist.mean(step_loss))
+        result.losses.append(loss_value)
+        window_loss.append(loss_value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+
+        if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+            elapsed = time.perf_counter() - window_start
+            samples = len(window_loss) * G * cfg.gradient_accumulation_steps
+            metrics = {
+                "loss": sum(window_loss) / len(window_loss),
+                "lr": scheduler.get_last_lr()[0],
+                "masking_rate": sum(window_ratio) / len(window_ratio),
+                "samples_per_s": samples / max(elapsed, 1e-9),
+                "skipped_images": result.skipped_images,
+                **memory_stats(device),
+            }
+            tracker.log(metrics, step)
+            window_loss, window_ratio, window_start = [], [], time.perf_counter()
+        if cfg.validation_prompts and step % cfg.validation_steps == 0 and dist.main:
+            validate(cfg, components, transformer, vqvae, text_encoder, tokenizer, ema, step, out, tracker, seed)
+        if step % cfg.checkpointing_steps == 0:
+            save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
+    bar.close()
+
+    # --- the end: a last checkpoint, then the trained weights (EMA if on) ---------------------------------------------
+    if not (out / f"checkpoint-{step}" / checkpoint.DONE_FILE).is_file():
+        save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
+    if dist.main:
+        if ema is not None:
+            ema.copy_to_params()
+        save_final(out, cfg, transformer, text_encoder)
+        if result.skipped_images:
+            log.warning("%d unreadable image(s) were skipped (%d distinct): %s", result.skipped_images, len(result.skipped_names), sorted(result.skipped_names)[:5])
+    dist.barrier()
+    tracker.finish()
+    result.step = step
+    return result
+
+
+# --- models --------------------------------------------------------------------------------------------------------------
+
+
+def prepare_transformer(cfg: TrainConfig, transformer, device):
+    """Full fine-tuning: fp32 trainable weights (autocast does the mixed precision). LoRA: the frozen base in the
+    mixed-precision dtype (half the memory), fp32 adapters on the target modules."""
+    if cfg.use_lora:
+        transformer.requires_grad_(False).to(device, cfg.weight_dtype)
+        names = inject_lora(transformer, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        log.info("LoRA rank %d alpha %g on %d modules", cfg.lora_r, cfg.lora_alpha, len(names))
+    else:
+        transformer.requires_grad_(True).to(device, torch.float32)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer.train()
+
+
+def prepare_text_encoder(cfg: TrainConfig, text_encoder, device):
+    """Frozen (the default): eval mode, mixed-precision dtype. Trained: full (fp32) or LoRA on its q/k/v projections
+    (the reference's to_q/to_k/to_v targets are translated: CLIP names them q_proj/k_proj/v_proj)."""
+    if not cfg.train_text_encoder:
+        return text_encoder.requires_grad_(False).eval().to(device, cfg.weight_dtype)
+    if cfg.text_encoder_use_lora:
+        text_encoder.requires_grad_(False).to(device, cfg.weight_dtype)
+        inject_lora(text_encoder, cfg.text_encoder_lora_target_modules, cfg.text_encoder_lora_r, cfg.text_encoder_lora_alpha, aliases=CLIP_ALIASES)
+    else:
+        text_encoder.requires_grad_(True).to(device, torch.float32)
+    if cfg.gradient_checkpointing:
+        text_encoder.gradient_checkpointing_enable()
+    return text_encoder.train()
+
+
+def trained_named(transformer, text_encoder, cfg: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
+    named = [(f"transformer.{n}", p) for n, p in transformer.named_parameters() if p.requires_grad]
+    if cfg.train_text_encoder:
+        named += [(f"text_encoder.{n}", p) for n, p in text_encoder.named_parameters() if p.requires_grad]
+    return named
+
+
+# --- one batch ---------------------------------------------------------------------------------------------------------
+
+
+def batch_tokens(batch: dict, vqvae, split: int | None, device) -> torch.Tensor:
+    """VQ token ids (B, h, w) of the batch: read from the pre-encoded cache, or encoded here (in chunks of `split`)."""
+    if "ids" in batch:
+        return batch["ids"].to(device)
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    chunk = split or pixels.shape[0]
+    return torch.cat([vqvae.encode(pixels[i : i + chunk]) for i in range(0, pixels.shape[0], chunk)])
+
+
+def batch_conditioning(batch: dict, encode_prompts, empty, dropped: torch.Tensor, device):
+    """(encoder_hidden_states (B, L, D), prompt_embeds (B, Dc)) of the batch, where the rows in `dropped` are
+    replaced by the empty prompt's conditioning (classifier-free guidance training)."""
+    if "encoder_hidden_states" in batch:
+        hidden, pooled = batch["encoder_hidden_states"].to(device), batch["prompt_embeds"].to(device)
+    elif empty is None:  # the text encoder trains: encode the empty prompt with the batch, through the same weights
+        hidden, pooled = encode_prompts(list(batch["prompt"]) + [""])
+        empty, hidden, pooled = (hidden[-1:], pooled[-1:]), hidden[:-1], pooled[:-1]
+    else:
+        hidden, pooled = encode_prompts(list(batch["prompt"]))
+    if dropped.any():
+        empty_hidden, empty_pooled = (e.to(device, h.dtype) for e, h in zip(empty, (hidden, pooled)))
+        hidden = torch.where(dropped[:, None, None], empty_hidden.reshape(1, *hidden.shape[1:]), hidden)
+        pooled = torch.where(dropped[:, None], empty_pooled.reshape(1, -1), pooled)
+    return hidden, pooled
+
+
+# --- validation ------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(cfg, components, transformer, vqvae, text_encoder, tokenizer, ema, step, out, tracker, seed) -> None:
+    """Images for the validation prompts (EMA weights when on), saved under <output_dir>/validation/step-<n>/."""
+    from muse import Pipeline
+
+    device = transformer.device
+    vqvae.to(device)
+    text_encoder.to(device)
+    was_training = (transformer.training, text_encoder.training)
+    transformer.eval()
+    text_encoder.eval()
+    with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+        pipe = Pipeline(transformer, vqvae, text_encoder, tokenizer, mask_token_id=(components.scheduler_config or {}).get("mask_token_id"))
+        images = pipe(
+            list(cfg.validation_prompts),
+            generator=torch.Generator().manual_seed(seed),
+            num_inference_steps=cfg.validation_inference_steps,
+            progress_bar=False,
+        )
+    transformer.train(was_training[0])
+    text_encoder.train(was_training[1])
+    folder = out / "validation" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, prompt) in enumerate(zip(images, cfg.validation_prompts)):
+        image.save(folder / f"{i:02d}.png")
+    (folder / "prompts.json").write_text(json.dumps(list(cfg.validation_prompts), indent=2))
+    tracker.log_images(images, cfg.validation_prompts, step)
+    log.info("validation images: %s", folder)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen) -> None:
+    """Everything needed to continue exactly; see train.checkpoint for the layout and the atomic write."""
+    tmp = Path(dist.broadcast(str(checkpoint.begin(out, step)) if dist.main else None))
+    checkpoint.save_torch(checkpoint.rng_state(), tmp / f"rng-rank{dist.rank}.pt")
+    dist.barrier()
+    if dist.main:
+        save_trained(transformer, tmp / "model.safetensors", cfg.use_lora, "transformer")
+        if cfg.train_text_encoder:
+            save_trained(text_encoder, tmp / "text_encoder.safetensors", cfg.text_encoder_use_lora, "text_encoder")
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+        state = {
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "generator": gen.get_state(),
+            "ema_updates": ema.num_updates if ema is not None else 0,
+        }
+        checkpoint.save_torch(state, tmp / "trainer_state.pt")
+        info = {"step": step, "position": position, "seed": seed, "world": dist.world, "use_lora": cfg.use_lora}
+        final = checkpoint.commit(tmp, step, info, cfg.checkpoints_total_limit)
+        log.info("saved %s", final)
+    dist.barrier()
+
+
+def save_trained(module, path: Path, lora: bool, prefix: str) -> None:
+    if lora:
+        save_lora(module, path, fmt="muse", prefix=prefix)
+    else:
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def load_checkpoint(path, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen) -> tuple[int, int]:
+    info = json.loads((path / checkpoint.DONE_FILE).read_text())
+    if info.get("use_lora", False) != cfg.use_lora:
+        raise ValueError(f"{path} was saved {'with' if info.get('use_lora') else 'without'} --use_lora; resume with the same setting")
+    load_trained(transformer, path / "model.safetensors", cfg.use_lora, "transformer")
+    if cfg.train_text_encoder:
+        load_trained(text_encoder, path / "text_encoder.safetensors", cfg.text_encoder_use_lora, "text_encoder")
+    optimizer.load_state_dict(checkpoint.load_torch(path / "optimizer.pt"))
+    state = checkpoint.load_torch(path / "trainer_state.pt")
+    base_lrs = list(scheduler.base_lrs)  # this run's learning rate
+    scheduler.load_state_dict(state["scheduler"])
+    # the schedule of THIS run's flags at the resumed step (the same as saved when the flags are the same; it follows
+    # a changed --learning_rate or --max_train_steps instead of the old run's last value)
+    scheduler.base_lrs = base_lrs
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    scaler.load_state_dict(state["scaler"])
+    gen.set_state(state["generator"])
+    if ema is not None:
+        if not (path / "ema.safetensors").is_file():
+            raise ValueError(f"{path} has no EMA state but --use_ema is on")
+        ema.load_state_dict(load_file(str(path / "ema.safetensors")), state["ema_updates"])
+    rng = path / f"rng-rank{dist.rank}.pt"
+    if rng.is_file():
+        checkpoint.set_rng_state(checkpoint.load_torch(rng))
+    else:
+        log.warning("%s has no RNG state for rank %d (saved with %d processes)", path, dist.rank, info.get("world", 1))
+    return int(info["step"]), int(info["position"])
+
+
+def load_trained(module, path: Path, lora: bool, prefix: str) -> None:
+    if lora:
+        load_lora_into(module, path, prefix=prefix)  # copies into the existing adapters (the optimizer's parameters)
+    else:
+        state = load_file(str(path))
+        with torch.no_grad():
+            missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def save_final(out: Path, cfg: TrainConfig, transformer, text_encoder) -> None:
+    """LoRA: the adapters in the diffusers/peft layout (pytorch_lora_weights.safetensors, loadable by diffusers and by
+    train.lora.load_lora_into) and in ours (lora.safetensors). Full: the U-ViT as a diffusers `transformer/` folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    te_lora = cfg.train_text_encoder and cfg.text_encoder_use_lora
+    if cfg.use_lora:
+        extra = {"text_encoder": text_encoder} if te_lora else None
+        for fmt in ("peft", "muse"):
+            path = save_lora(transformer, out, fmt=fmt, extra=extra)
+            log.info("LoRA adapters: %s", path)
+    else:
+        from convert import uvit_to_diffusers
+
+        folder = out / "transformer"
+        folder.mkdir(exist_ok=True)
+        config, state = uvit_to_diffusers(transformer)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+        log.info("trained U-ViT: %s", folder)
+    if cfg.train_text_encoder and not te_lora:
+        text_encoder.save_pretrained(out / "text_encoder")
+    elif te_lora and not cfg.use_lora:
+        save_lora(text_encoder, out / "text_encoder_lora", fmt="peft", prefix="text_encoder")
+    (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
