@@ -274,9 +274,9 @@ class Pipeline:
             if v % f:
                 raise ValueError(f"{name} {v} is not a multiple of {f} pixels (one token is {f}x{f} pixels)")
         grid = (height // f, width // f)
+        self._check_grid(grid)
         cond = self._text_conditioning(prompt, opts)
         batch = len(cond) // 2 if opts.guided else len(cond)
-        self._check_grid(grid)
         if latents is None:
             tokens = torch.full((batch, *grid), self.mask_token_id, dtype=torch.long, device=self.device)
         else:
