@@ -115,18 +115,20 @@ class Scenes:
         return out
 
 
-def sample_scenes(n: int, seed: int, split: str = "train", mention_prob: float = 0.5) -> Scenes:
+def sample_scenes(n: int, seed: int, split: str = "train", mention_prob: float = 0.5, balanced: bool = False) -> Scenes:
     """Draw n scenes from a split ('train' or 'heldout'), deterministically from `seed`.
 
-    Triples (colour, background, shape) are uniform over the split's triples; size, position and jitter are uniform;
-    the caption mentions the size and the position each with probability `mention_prob`."""
+    Triples (colour, background, shape) are uniform over the split's triples (or, when `balanced`, taken in turn, so
+    n = k * len(split) covers each triple k times); size, position and jitter are uniform; the caption mentions the
+    size and the position each with probability `mention_prob`."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     g = torch.Generator().manual_seed(seed)
     triples = torch.tensor([[COLOUR_NAMES.index(c), COLOUR_NAMES.index(b), SHAPES.index(s)] for c, b, s in SPLITS[split]])
-    pick = triples[torch.randint(len(triples), (n,), generator=g)]  # (n, 3)
+    which = torch.randint(len(triples), (n,), generator=g)
+    pick = triples[torch.arange(n) % len(triples) if balanced else which]  # (n, 3)
     size = torch.randint(len(SIZES), (n,), generator=g)
     position = torch.randint(len(POSITIONS), (n,), generator=g)
     jitter = (torch.rand(n, 2, generator=g) * 2 - 1) * JITTER
@@ -239,9 +241,40 @@ class ShapesDataset(torch.utils.data.Dataset):
         }
 
 
-def stream(batch_size: int, seed: int, split: str = "train", device="cpu"):
-    """An endless, deterministic iterator of (images (B, 3, 64, 64) on `device`, captions) batches; batch k is drawn
-    from seed (seed, k), so a run restarted from batch k sees the same data."""
+def stream(batch_size: int, seed: int, split: str = "train", device="cpu", with_captions: bool = True):
+    """An endless, deterministic iterator of (images (B, 3, 64, 64) on `device`, captions or None) batches; batch k is
+    drawn from seed (seed, k), so a run restarted from batch k sees the same data."""
     for k in itertools.count():
         scenes = sample_scenes(batch_size, seed * 1_000_003 + k, split)
-        yield render(scenes, device), captions(scenes)
+        yield render(scenes, device), (captions(scenes) if with_captions else None)
+
+
+def main(argv=None) -> int:
+    """`python -m train.shapes eval [...]` (the same as `python -m muse shapes-eval`), or
+    `python -m train.shapes show --out grid.png` (a grid of training images with their captions printed)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m train.shapes")
+    sub = p.add_subparsers(dest="command", required=True)
+    from muse.shapes_judge import add_parser
+
+    add_parser(sub).prog = "python -m train.shapes eval"
+    sub.choices["eval"] = sub.choices.pop("shapes-eval")
+    show = sub.add_parser("show", help="render a grid of dataset images and print their captions")
+    show.add_argument("--out", required=True)
+    show.add_argument("-n", type=int, default=16)
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--split", default="train", choices=sorted(SPLITS))
+    args = p.parse_args(argv)
+    if args.command == "show":
+        from muse.shapes_judge import save_grid
+
+        scenes = sample_scenes(args.n, args.seed, args.split)
+        save_grid(render(scenes), args.out)
+        print("\n".join(captions(scenes)))
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -174,13 +174,16 @@ class PerceptualLoss(nn.Module):
 
 
 class CodebookUsage:
-    """Counts how often each code is chosen, over a window that `reset` starts afresh."""
+    """Counts how often each code is chosen, over a window that `reset` starts afresh. The counts live on the device
+    of the ids they count (no synchronisation per update)."""
 
     def __init__(self, num_codes: int):
         self.counts = torch.zeros(num_codes, dtype=torch.long)
 
     def update(self, ids: torch.Tensor) -> None:
-        self.counts += torch.bincount(ids.flatten().cpu(), minlength=len(self.counts))
+        if self.counts.device != ids.device:
+            self.counts = self.counts.to(ids.device)
+        self.counts += torch.bincount(ids.flatten(), minlength=len(self.counts))
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -282,14 +285,15 @@ def train_vqgan(
         if perceptual is not None:
             rec = rec + cfg.perceptual_weight * perceptual(x, x_hat)
         loss = rec + cfg.codebook_weight * q.codebook_loss + cfg.commitment_weight * q.commitment_loss
-        record = {"step": step, "rec": rec.item(), "codebook": q.codebook_loss.item(), "commit": q.commitment_loss.item()}
+        # losses stay tensors until they are logged (no GPU synchronisation every step)
+        record = {"step": step, "rec": rec.detach(), "codebook": q.codebook_loss.detach(), "commit": q.commitment_loss.detach()}
         gan_on = disc is not None and step >= cfg.disc_start
         if gan_on:
             disc.requires_grad_(False)
             g = hinge_g_loss(disc(x_hat))
             lam = adaptive_weight(rec, g, last_layer)
             loss = loss + cfg.disc_weight * lam * g
-            record.update(gan_g=g.item(), gan_weight=lam.item())
+            record.update(gan_g=g.detach(), gan_weight=lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -301,25 +305,34 @@ def train_vqgan(
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
-            record["gan_d"] = d_loss.item()
+            record["gan_d"] = d_loss.detach()
         usage.update(q.ids)
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0:
             record.update(usage=usage.usage(), perplexity=usage.perplexity())
             if step + 1 < cfg.steps:  # the last window is only measured
                 record["restarted"] = restart_dead_codes(model.quantizer, z, usage.dead(), gen, cfg.restart_noise, opt)
             usage.reset()
-        record["psnr"] = psnr(x, x_hat.detach())
+        record["mse"] = F.mse_loss(x_hat.detach().clamp(0, 1), x)
         history.append(record)
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
-            last = history[-cfg.log_every :]
-            mean = {k: sum(r[k] for r in last) / len(last) for k in ("rec", "codebook", "commit", "psnr")}
+            last = [_floats(r) for r in history[-cfg.log_every :]]
+            mean = {k: sum(r[k] for r in last) / len(last) for k in ("rec", "codebook", "commit")}
+            mean["psnr"] = 10 * math.log10(1.0 / max(sum(r["mse"] for r in last) / len(last), 1e-12))
             extra = "".join(f" {k} {record[k]:.3g}" for k in ("usage", "perplexity", "restarted", "gan_weight") if k in record)
             log(
                 f"vq step {step + 1}/{cfg.steps}: rec {mean['rec']:.4f} codebook {mean['codebook']:.4f} "
                 f"commit {mean['commit']:.4f} psnr {mean['psnr']:.2f} dB{extra} ({time.time() - t0:.0f} s)"
             )
     model.eval()
-    return history
+    return [_floats(r) for r in history]
+
+
+def _floats(record: dict) -> dict:
+    """A history record with its tensors read out as floats (psnr derived from the batch mse)."""
+    out = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+    if "mse" in out:
+        out["psnr"] = 10 * math.log10(1.0 / max(out["mse"], 1e-12))
+    return out
 
 
 @torch.no_grad()
@@ -353,7 +366,7 @@ def shapes_vqgan_config() -> VQGANConfig:
     """The VQ-GAN of the embedded default model: 64x64 images -> 16x16 ids (factor 4), 512 codes of 16 dims."""
     return VQGANConfig(
         block_out_channels=(32, 64, 64),
-        layers_per_block=1,
+        layers_per_block=2,
         latent_channels=16,
         num_vq_embeddings=512,
         norm_num_groups=16,
@@ -365,7 +378,7 @@ def image_batches(batch_size: int, seed: int, device, split: str = "train") -> I
     """Endless deterministic batches of shapes images (B, 3, 64, 64) on `device`."""
     from train.shapes import stream
 
-    for images, _ in stream(batch_size, seed, split, device):
+    for images, _ in stream(batch_size, seed, split, device, with_captions=False):
         yield images
 
 

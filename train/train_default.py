@@ -1,0 +1,562 @@
+"""Train the embedded default model (muse/assets/default/) from nothing but this repository's code.
+
+    python -m train.train_default                 # the shipped model: writes muse/assets/default/ (GPU if there is one)
+    python -m train.train_default --recipe reduced --out /tmp/m --work /tmp/w --device cpu  # the CI-sized run
+
+Four stages, each deterministic from the recipe's seed:
+  1. VQ-GAN (`train.vq`) on endless batches of synthetic shapes (`train.shapes`): 64x64 images <-> 16x16 ids.
+  2. Text encoder: a small CLIPTextModelWithProjection built from a config with a fixed seed and never trained; the
+     tokenizer is the CLIP tokenizer (`convert`, offline). One layer, so the U-ViT's context (the penultimate hidden
+     states) is the token + position embeddings themselves: every word reaches the U-ViT unmixed.
+  3. Data: a folder of rendered training images (PNG) with their captions in metadata.jsonl.
+  4. U-ViT: trained with the project's training loop (`train.train`, the loop behind `python -m train`) on that
+     folder, pre-encoded once through the stage-1 VQ-GAN and the stage-2 text encoder, with conditioning dropout
+     so that classifier-free guidance works.
+Then the four components are written in our checkpoint format (`convert.save_components`), weights stored in fp16
+to fit the size budget (the VQ-GAN and text encoder are rounded to fp16 *before* stage 4, so the U-ViT trains on
+exactly the tokens and text features the shipped files produce), and evaluated: the VQ-GAN's PSNR and codebook use
+on held-out images, and prompt adherence on held-out combinations (`muse.shapes_judge`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from uvit import UViT, UViTConfig
+from vqgan import VQGAN, VQGANConfig
+
+from .vq import VQTrainConfig, evaluate_vqgan, shapes_vqgan_config, train_vqgan
+
+log = logging.getLogger("train.default")
+
+SIZE_BUDGET_BYTES = 20 * 1024 * 1024
+VQ_EVAL_SEED = 777  # held-out images for the VQ-GAN's PSNR
+
+
+@dataclass
+class TextEncoderConfig:
+    """The frozen, randomly initialised CLIP text tower (transformers CLIPTextConfig fields)."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 1
+    num_attention_heads: int = 2
+    projection_dim: int = 32
+
+    def build(self, seed: int) -> nn.Module:
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        cfg = CLIPTextConfig(
+            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+            bos_token_id=0, eos_token_id=2, pad_token_id=1,  # as the published config: pooled at the first 49407
+            **asdict(self),
+        )
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(cfg).requires_grad_(False).eval()
+
+
+@dataclass
+class Recipe:
+    """Everything that determines the shipped model."""
+
+    seed: int = 0
+    vq_config: VQGANConfig = field(default_factory=shapes_vqgan_config)
+    vq_train: VQTrainConfig = field(default_factory=VQTrainConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    uvit_config: UViTConfig = field(default_factory=UViTConfig)
+    num_images: int = 50_000  # training images written for the U-ViT
+    batch_size: int = 256
+    steps: int = 6000
+    learning_rate: float = 1e-3
+    warmup: int = 300
+    weight_decay: float = 0.01
+    cond_dropout: float = 0.1
+    max_grad_norm: float = 1.0
+    store_dtype: str = "float16"  # dtype of the shipped weight files
+    vq_eval_images: int = 1024  # held-out images for the VQ-GAN's PSNR and codebook usage
+    workers: int = 4  # data loader processes of the U-ViT stage
+
+    @classmethod
+    def shipped(cls) -> "Recipe":
+        """The recipe of muse/assets/default/."""
+        return cls(
+            vq_config=shapes_vqgan_config(),
+            vq_train=VQTrainConfig(
+                steps=6000, batch_size=64, lr=5e-4, betas=(0.9, 0.99), warmup=200, restart_every=200, log_every=500
+            ),
+            uvit_config=shapes_uvit_config(),
+        )
+
+    @classmethod
+    def reduced(cls) -> "Recipe":
+        """A run of a minute or two on a CPU (tests, CI): the same stages at toy sizes and step counts."""
+        return cls(
+            vq_config=VQGANConfig(
+                block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, num_vq_embeddings=32,
+                norm_num_groups=4, sample_size=64,
+            ),
+            vq_train=VQTrainConfig(steps=30, batch_size=8, lr=2e-3, warmup=5, restart_every=10, log_every=10),
+            text_encoder=TextEncoderConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16),
+            uvit_config=shapes_uvit_config(
+                hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, in_channels=16,
+                block_out_channels=16, block_num_heads=1, num_res_blocks=1, cond_embed_dim=16, encoder_hidden_size=16,
+                micro_cond_encode_dim=4, micro_cond_embed_dim=20, codebook_size=32, vocab_size=33,
+            ),
+            num_images=64,
+            batch_size=16,
+            steps=30,
+            learning_rate=3e-3,
+            warmup=3,
+            vq_eval_images=32,
+            workers=0,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shapes_uvit_config(**overrides) -> UViTConfig:
+    """The U-ViT of the embedded default model: 16x16 tokens, brought to 8x8 inside (as amused-512 does with 32x32),
+    3 ConvNeXt blocks per side (their 3x3 depthwise convs tell every one of the 8x8 cells where it is: the U-ViT has
+    no position embedding), 6 transformer layers of 160, 512 codes + the mask token. About 4.3M parameters."""
+    base = dict(
+        hidden_size=160, cond_embed_dim=32, micro_cond_encode_dim=16, micro_cond_embed_dim=80, encoder_hidden_size=32,
+        vocab_size=513, codebook_size=512, in_channels=64, block_out_channels=64, num_res_blocks=3,
+        downsample=True, upsample=True, block_num_heads=2, num_hidden_layers=6, num_attention_heads=4,
+        intermediate_size=480, sample_size=16,
+    )
+    base.update(overrides)
+    return UViTConfig(**base)
+
+
+RECIPES = {"shipped": Recipe.shipped, "reduced": Recipe.reduced}
+
+
+# --- pieces ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def init_uvit_(model: UViT, seed: int, std: float = 0.02) -> UViT:
+    """Initialise a U-ViT for training from scratch: every Linear / conv / embedding weight ~ N(0, std) (truncated at
+    2 std), the conditioning modulations zero (every block starts unmodulated), norms at one, GRN and biases zero."""
+    g = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
+            w = module.weight
+            if name.endswith("modulation"):
+                w.zero_()
+            else:
+                w.copy_((torch.randn(w.shape, generator=g) * std).clamp(-2 * std, 2 * std))
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    return model
+
+
+def round_to(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Round the floating-point weights to `dtype` and back (in place), so the fp32 module computes what its stored
+    `dtype` files will."""
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.to(dtype).to(t.dtype))
+    return module
+
+
+def write_training_folder(folder: Path, num_images: int, seed: int, device="cpu") -> Path:
+    """num_images rendered training scenes as PNG files + metadata.jsonl (file_name, text). Reused when a folder
+    written with the same (num_images, seed) is there."""
+    from PIL import Image
+
+    from .shapes import captions, render, sample_scenes
+
+    folder = Path(folder)
+    stamp = folder / "shapes.json"
+    want = {"num_images": num_images, "seed": seed, "split": "train"}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        log.info("training images: reusing %s", folder)
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    scenes = sample_scenes(num_images, seed, "train")
+    texts = captions(scenes)
+    rows = []
+    chunk = 1024
+    for start in range(0, num_images, chunk):
+        pixels = (render(scenes[start : start + chunk], device) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for i, array in enumerate(pixels, start):
+            name = f"{i:06d}.png"
+            Image.fromarray(array).save(folder / name)
+            rows.append(json.dumps({"file_name": name, "text": texts[i]}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    stamp.write_text(json.dumps(want))
+    log.info("training images: wrote %d to %s", num_images, folder)
+    return folder
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """A short hash of the modules' tensors (names, shapes, values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for m in modules:
+        for name, t in sorted(m.state_dict().items()):
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# --- the stages -------------------------------------------------------------------------------------------------------
+
+
+def train_vq_stage(recipe: Recipe, device, progress: bool) -> tuple[VQGAN, list[dict]]:
+    from .shapes import stream
+
+    torch.manual_seed(recipe.seed)
+    model = VQGAN(recipe.vq_config).to(device)
+    cfg = recipe.vq_train
+    images = (x for x, _ in stream(cfg.batch_size, recipe.seed, "train", device, with_captions=False))
+    history = train_vqgan(model, images, cfg, progress=progress, log=log.info)
+    return model.cpu().eval(), history
+
+
+def vq_report(vqvae: VQGAN, device, num_images: int = 1024) -> dict:
+    from .shapes import render, sample_scenes
+
+    held = render(sample_scenes(num_images, VQ_EVAL_SEED, split="heldout"))
+    report = evaluate_vqgan(vqvae.to(device), held.to(device))
+    vqvae.cpu()
+    return report
+
+
+def train_uvit_stage(recipe: Recipe, components, data: Path, work: Path, device: str, progress: bool):
+    """Train components.transformer in place with the project's loop; returns the loop's TrainResult."""
+    from . import train
+    from .config import TrainConfig
+
+    cuda = str(device).startswith("cuda")
+    cfg = TrainConfig(
+        instance_data_dir=str(data),
+        resolution=64,
+        pre_encode=True,
+        train_batch_size=recipe.batch_size,
+        max_train_steps=recipe.steps,
+        output_dir=str(work / "uvit"),
+        logging_steps=max(1, min(250, recipe.steps // 4)),
+        checkpointing_steps=recipe.steps,  # one checkpoint, at the end
+        seed=recipe.seed,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler="cosine",
+        lr_warmup_steps=recipe.warmup,
+        adam_beta2=0.99,
+        adam_weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        cond_dropout_prob=recipe.cond_dropout,
+        mixed_precision="bf16" if cuda else "no",
+        allow_tf32=cuda,
+        dataloader_num_workers=recipe.workers,
+        device=str(device),
+    )
+    return train(cfg, components)
+
+
+def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
+    """Measured seconds per training step of the VQ-GAN (with its data) and of the U-ViT (random inputs, the loop's
+    precision), after 3 warm-up steps, and the training time they project. Nothing here is kept."""
+    from .shapes import stream
+    from .vq import reconstruction_loss, vq_step
+
+    def clock(step) -> float:
+        for _ in range(3):
+            step()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / steps
+
+    vq = VQGAN(recipe.vq_config).to(device)
+    opt = torch.optim.Adam(vq.parameters())
+    batches = stream(recipe.vq_train.batch_size, 12345, "train", device, with_captions=False)
+
+    def vq_train_step():
+        x = next(batches)[0]
+        x_hat, q, _ = vq_step(vq, x)
+        (reconstruction_loss(x, x_hat) + q.codebook_loss + q.commitment_loss).backward()
+        opt.step()
+        opt.zero_grad()
+
+    cfg, B = recipe.uvit_config, recipe.batch_size
+    uvit = UViT(cfg).to(device)
+    opt_u = torch.optim.AdamW(uvit.parameters())
+    ids = torch.randint(cfg.vocab_size, (B, cfg.sample_size, cfg.sample_size), device=device)
+    text = torch.randn(B, 77, cfg.encoder_hidden_size, device=device)
+    pooled = torch.randn(B, cfg.cond_embed_dim, device=device)
+    micro = torch.tensor([[64.0, 64.0, 0.0, 0.0, 6.0]], device=device).expand(B, -1)
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=str(device).startswith("cuda"))
+
+    def uvit_train_step():
+        with autocast:
+            logits = uvit(ids.clamp(max=cfg.codebook_size), text, pooled, micro)
+            loss = torch.nn.functional.cross_entropy(logits.float(), ids.clamp(max=cfg.codebook_size - 1))
+        loss.backward()
+        opt_u.step()
+        opt_u.zero_grad()
+
+    vq_s, uvit_s = clock(vq_train_step), clock(uvit_train_step)
+    return {
+        "vq_seconds_per_step": vq_s,
+        "uvit_seconds_per_step": uvit_s,
+        "projected_training_seconds": vq_s * recipe.vq_train.steps + uvit_s * recipe.steps,
+    }
+
+
+def build(
+    recipe: Recipe, out: Path, work: Path, device: str = "cpu", tokenizer_dir: str | None = None, progress: bool = True,
+    reuse: Path | None = None,
+) -> dict:
+    """Run the four stages and write the model to `out` (replaced). Returns a report dict (also work/report.json).
+    With `reuse` (a model folder of an earlier run), its VQ-GAN and text encoder replace stages 1 and 2."""
+    from convert import save_components
+    from convert.components import Components, default_scheduler_config
+    from convert.text_encoder import load_tokenizer
+
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    store = getattr(torch, recipe.store_dtype)
+    report: dict = {"recipe": recipe.to_dict(), "device": str(device), "torch": torch.__version__}
+    t0 = time.perf_counter()
+
+    if reuse is None:
+        log.info("stage 1/4: VQ-GAN, %d steps of %d images", recipe.vq_train.steps, recipe.vq_train.batch_size)
+        vqvae, vq_history = train_vq_stage(recipe, device, progress)
+        round_to(vqvae, store)
+        report["vq_train_seconds"] = round(time.perf_counter() - t0, 1)
+        report["vq_final_loss"] = vq_history[-1]["rec"]
+        report["vq_first_loss"] = vq_history[0]["rec"]
+        log.info("stage 2/4: frozen text encoder and tokenizer")
+        text_encoder = round_to(recipe.text_encoder.build(recipe.seed), store)
+    else:  # stages 1 and 2 from an earlier run's model folder
+        from convert import load_components
+
+        log.info("stages 1-2: the VQ-GAN and text encoder of %s", reuse)
+        previous = load_components(str(reuse))
+        vqvae, text_encoder = previous.vqvae.eval(), previous.text_encoder.requires_grad_(False).eval()
+        report["reused"] = str(reuse)
+    report["vq"] = vq_report(vqvae, device, recipe.vq_eval_images)
+    log.info("VQ-GAN: %s", report["vq"])
+    tokenizer = load_tokenizer(tokenizer_dir)
+
+    log.info("stage 3/4: %d training images", recipe.num_images)
+    t1 = time.perf_counter()
+    data = write_training_folder(work / "data", recipe.num_images, recipe.seed, device)
+    report["data_seconds"] = round(time.perf_counter() - t1, 1)
+
+    log.info("stage 4/4: U-ViT, %d steps of %d", recipe.steps, recipe.batch_size)
+    torch.manual_seed(recipe.seed)
+    transformer = init_uvit_(UViT(recipe.uvit_config), recipe.seed)
+    # the source names the VQ-GAN and text encoder: the loop's pre-encoded cache is keyed on it
+    source = f"train.train_default (VQ-GAN and text encoder {weights_digest(vqvae, text_encoder)})"
+    components = Components(
+        transformer, vqvae, text_encoder, tokenizer, default_scheduler_config(recipe.uvit_config.mask_token_id), source=source
+    )
+    t2 = time.perf_counter()
+    result = train_uvit_stage(recipe, components, data, work, device, progress)
+    report["uvit_train_seconds"] = round(time.perf_counter() - t2, 1)
+    report["uvit_losses"] = {"first": result.losses[0], "last": result.losses[-1], "every": result.losses[:: max(1, len(result.losses) // 50)]}
+    # the loop frees the VQ-GAN and the text encoder after pre-encoding: put ours back
+    components = Components(
+        transformer.cpu().eval(), vqvae, text_encoder, tokenizer, components.scheduler_config, source=components.source
+    )
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    components.to(dtype=store)
+    save_components(components, tmp)
+    components.to(dtype=torch.float32)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    report["model_bytes"] = folder_bytes(out)
+    report["parameters"] = components.num_parameters()
+    report["total_seconds"] = round(time.perf_counter() - t0, 1)
+    log.info("wrote %s: %.2f MB, parameters %s", out, report["model_bytes"] / 2**20, report["parameters"])
+    if report["model_bytes"] > SIZE_BUDGET_BYTES:
+        log.warning("the model is over the %d MB budget", SIZE_BUDGET_BYTES // 2**20)
+    (work / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def evaluate(model_dir: Path, device: str = "cpu", per_triple: int = 2, progress: bool = True) -> dict:
+    """Held-out adherence (default sampling settings) and the shipped VQ-GAN's PSNR, from the files in `model_dir`."""
+    from muse import Pipeline
+    from muse.shapes_judge import evaluate_adherence
+
+    pipe = Pipeline.from_pretrained(model_dir, device=device)
+    ev = evaluate_adherence(pipe, per_triple=per_triple, progress=progress)
+    return {"adherence": asdict(ev.report), "vq": vq_report(pipe.vqvae, device)}
+
+
+# --- README figures ------------------------------------------------------------------------------------------------
+
+FIGURE_PROMPTS = (
+    "a red circle on a blue background",
+    "a small yellow triangle at the top left on a black background",
+    "a large white square in the center on a purple background",
+    "a green circle at the bottom right on a white background",
+    "an orange triangle on a blue background",  # held out of training
+    "a blue circle on a yellow background",  # held out
+    "a black square at the top right on a red background",  # held out
+    "a purple square on a yellow background",  # held out
+)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]
+
+
+def figure_grid(pipe, prompts=FIGURE_PROMPTS, seed: int = 0, scale: int = 2, columns: int = 4):
+    """A PIL image: each prompt's generated image (seed `seed`, default settings), enlarged `scale` x, captioned."""
+    from PIL import Image, ImageDraw
+
+    from .shapes import HELDOUT
+
+    images = pipe(list(prompts), generator=[torch.Generator().manual_seed(seed) for _ in prompts], progress_bar=False)
+    side, pad, text_h = 64 * scale, 8, 44
+    rows = (len(prompts) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad), "white")
+    draw, font = ImageDraw.Draw(canvas), _font(11)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        r, c = divmod(i, columns)
+        x, y = pad + c * (side + pad), pad + r * (side + text_h + pad)
+        canvas.paste(image.resize((side, side), Image.NEAREST), (x, y))
+        held = any(f"{c} {s} " in prompt and prompt.endswith(f" {b} background") for c, b, s in HELDOUT)
+        label = _wrap(prompt + (" (held out)" if held else ""), 24)
+        for k, line in enumerate(label[:3]):
+            draw.text((x, y + side + 2 + 13 * k), line, fill="black", font=font)
+    return canvas
+
+
+def figure_decoding(pipe, prompt: str = FIGURE_PROMPTS[0], seed: int = 0, scale: int = 3, columns: int = 6):
+    """A PIL image of one image's decoding, step by step: after step k, the tokens known so far are shown (each token
+    is a 4x4 pixel patch of the final image) and the still-masked ones are grey."""
+    from PIL import Image, ImageDraw
+
+    steps: list[torch.Tensor] = []
+    final = pipe(
+        prompt, generator=torch.Generator().manual_seed(seed), progress_bar=False, output_type="np",
+        callback=lambda i, t, tokens: steps.append(tokens[0].clone()),
+    )[0]  # (64, 64, 3)
+    f = pipe.vae_scale_factor
+    pixels = torch.from_numpy(final).permute(2, 0, 1)  # (3, 64, 64)
+    side, pad, text_h = 64 * scale, 6, 16
+    rows = (len(steps) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad + 18), "white")
+    draw, font = ImageDraw.Draw(canvas), _font(12)
+    draw.text((pad, 4), f'"{prompt}": tokens known after each of {len(steps)} steps', fill="black", font=font)
+    for k, tokens in enumerate(steps):
+        known = (tokens != pipe.mask_token_id).float()  # (h, w)
+        known_px = known.repeat_interleave(f, 0).repeat_interleave(f, 1)  # (64, 64)
+        checker = 0.55 + 0.1 * ((torch.arange(64)[:, None] // 4 + torch.arange(64)[None, :] // 4) % 2).float()
+        frame = pixels * known_px + checker * (1 - known_px)
+        array = (frame.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        r, c = divmod(k, columns)
+        x, y = pad + c * (side + pad), 22 + r * (side + text_h + pad)
+        canvas.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
+        draw.text((x, y + side + 1), f"step {k + 1}: {int(known.sum())}/{known.numel()} tokens", fill="black", font=font)
+    return canvas
+
+
+def make_figures(model_dir, docs: Path, device: str = "cpu") -> list[Path]:
+    """docs/default_model_grid.png and docs/default_model_decoding.png from the model in `model_dir`."""
+    from muse import Pipeline
+
+    pipe = Pipeline.from_pretrained(model_dir, device=device)
+    docs.mkdir(parents=True, exist_ok=True)
+    paths = [docs / "default_model_grid.png", docs / "default_model_decoding.png"]
+    figure_grid(pipe).save(paths[0], optimize=True)
+    figure_decoding(pipe).save(paths[1], optimize=True)
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.train_default", description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default="shipped", choices=sorted(RECIPES))
+    p.add_argument("--out", default=None, help="model folder to write (default: the embedded model's folder)")
+    p.add_argument("--work", default="outputs/default_model", help="scratch folder: training images, loop checkpoints, report")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer", default=None, help="a CLIP tokenizer folder (default: built offline from open_clip)")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--reuse", default=None, metavar="DIR", help="take the VQ-GAN and text encoder from this model folder (skip stages 1-2)")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--eval-per-triple", type=int, default=2)
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="measure a few steps first and stop if the projected training time exceeds this")
+    p.add_argument("--figures", default=None, metavar="DIR", help="only draw the README figures of --out into DIR (e.g. docs)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.figures:
+        for path in make_figures(args.out, Path(args.figures)):
+            print(path)
+        return 0
+    recipe = RECIPES[args.recipe]()
+    if args.seed is not None:
+        recipe.seed = args.seed
+    if args.out is None:
+        from muse.pipeline import DEFAULT_MODEL_DIR
+
+        args.out = DEFAULT_MODEL_DIR
+    if args.time_budget is not None:
+        estimate = preflight(recipe, args.device)
+        log.info("preflight: %s", estimate)
+        if estimate["projected_training_seconds"] > args.time_budget:
+            log.error("projected %.0f s of training exceeds --time-budget %.0f s: stopping", estimate["projected_training_seconds"], args.time_budget)
+            return 3
+    report = build(recipe, Path(args.out), Path(args.work), args.device, args.tokenizer, reuse=args.reuse and Path(args.reuse))
+    if not args.skip_eval:
+        t = time.perf_counter()
+        report["eval"] = evaluate(Path(args.out), args.device, args.eval_per_triple)
+        report["eval_seconds"] = round(time.perf_counter() - t, 1)
+        (Path(args.work) / "report.json").write_text(json.dumps(report, indent=1))
+        log.info("held-out adherence %.1f%%, VQ PSNR %.2f dB, codebook usage %.1f%%",
+                 100 * report["eval"]["adherence"]["accuracy"], report["eval"]["vq"]["psnr"], 100 * report["eval"]["vq"]["usage"])
+    print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
