@@ -80,13 +80,12 @@ def to_ours(
         if theirs not in state_dict:
             continue
         tensor = state_dict[theirs]
-        try:
-            value = keymap.layout(ours).to_ours(tensor)
-        except RuntimeError:
-            value = None
-        if value is None or value.shape != shapes[ours]:
-            misshapen.append(f"{theirs}: got {tuple(tensor.shape)}, expected {tuple(_theirs_shape(keymap, ours, shapes[ours]))}")
+        # the foreign tensor must have exactly the foreign shape (a (C,) where they store (1, 1, 1, C) is refused too)
+        expected = _theirs_shape(keymap, ours, shapes[ours])
+        if tuple(tensor.shape) != tuple(expected):
+            misshapen.append(f"{theirs}: got {tuple(tensor.shape)}, expected {tuple(expected)}")
             continue
+        value = keymap.layout(ours).to_ours(tensor)
         converted[ours] = value if dtype is None else value.to(dtype)
     problems = []
     if missing:
@@ -103,10 +102,13 @@ def to_ours(
 
 def to_theirs(model: nn.Module, keymap: KeyMap) -> dict[str, torch.Tensor]:
     """Our model's parameters under the foreign names and layouts (contiguous tensors, ready for safetensors)."""
-    out = {}
-    for ours, tensor in model.state_dict().items():
-        out[keymap.theirs(ours)] = keymap.layout(ours).to_theirs(tensor.detach()).contiguous()
-    return out
+    return tensors_to_theirs(model.state_dict(), keymap)
+
+
+def tensors_to_theirs(tensors: Mapping[str, torch.Tensor], keymap: KeyMap) -> dict[str, torch.Tensor]:
+    """Any dict keyed by our parameter names (a state dict, its gradients, optimizer moments) under the foreign
+    names and layouts."""
+    return {keymap.theirs(ours): keymap.layout(ours).to_theirs(t.detach()).contiguous() for ours, t in tensors.items()}
 
 
 def _theirs_shape(keymap: KeyMap, ours: str, shape: torch.Size) -> torch.Size:

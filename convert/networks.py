@@ -19,7 +19,11 @@ DIFFUSERS_VERSION = "0.42.1"
 def uvit_from_diffusers(
     config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
 ) -> UViT:
-    """A diffusers `UVit2DModel` (its config.json content and state dict) -> our UViT, every tensor checked."""
+    """A diffusers `UVit2DModel` (its config.json content and state dict) -> our UViT, every tensor checked.
+
+    Built on the meta device, then the state dict's tensors are assigned, not copied (where no layout change or cast
+    is needed the model shares their memory). Returned in eval mode, on the tensors' device, in their dtype unless
+    `dtype` is given. Raises ConversionError naming every missing, unexpected or misshapen tensor."""
     cfg = config if isinstance(config, UViTConfig) else UViTConfig.from_dict(dict(config))
     with torch.device("meta"):
         model = UViT(cfg)
@@ -29,7 +33,8 @@ def uvit_from_diffusers(
 def vqgan_from_diffusers(
     config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
 ) -> VQGAN:
-    """A diffusers `VQModel` (its config.json content and state dict) -> our VQGAN, every tensor checked."""
+    """A diffusers `VQModel` (its config.json content and state dict) -> our VQGAN, every tensor checked.
+    Built and returned as `uvit_from_diffusers` does (meta device, tensors assigned, eval mode, `dtype` optional)."""
     cfg = config if isinstance(config, VQGANConfig) else VQGANConfig.from_dict(dict(config))
     with torch.device("meta"):
         model = VQGAN(cfg)

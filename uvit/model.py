@@ -69,13 +69,13 @@ class AdaptiveNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention. Self-attention when `context` is None."""
+    """Multi-head attention through F.scaled_dot_product_attention. Self-attention when `context` is None.
+    Dropout acts on the output projection only (not on the attention probabilities), as in the reference."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False, dropout: float = 0.0):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
-        self.dropout = dropout
         self.q = nn.Linear(dim, dim, bias=bias)
         self.k = nn.Linear(context_dim, dim, bias=bias)
         self.v = nn.Linear(context_dim, dim, bias=bias)
@@ -89,7 +89,7 @@ class Attention(nn.Module):
         q = self.q(x).view(B, L, self.heads, -1).transpose(1, 2)
         k = self.k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
         v = self.v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v)
         y = y.transpose(1, 2).reshape(B, L, D)
         return self.out_dropout(self.out(y))
 
@@ -225,12 +225,11 @@ class TransformerLayer(nn.Module):
         self.cross_attn = Attention(D, cfg.num_attention_heads, bias=bias, dropout=cfg.hidden_dropout)
         self.ff_norm = AdaptiveNorm(D, D, "layer", eps, affine, bias)
         self.ff = GEGLU(D, cfg.intermediate_size, bias, cfg.hidden_dropout)
-        self.ff_dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x, c))
         x = x + self.cross_attn(self.cross_norm(x, c), text)
-        x = x + self.ff_dropout(self.ff(self.ff_norm(x, c)))
+        x = x + self.ff(self.ff_norm(x, c))
         return x
 
 
@@ -336,14 +335,20 @@ class UViT(nn.Module):
         cfg = self.config
         if input_ids.dim() != 3:
             raise ValueError(f"input_ids must be a token grid (B, h, w), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
         B, h, w = input_ids.shape
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise ValueError(
+                f"input_ids must lie in [0, {cfg.vocab_size}) (mask id {cfg.mask_token_id}); "
+                f"got values in [{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
         f = cfg.grid_factor
         if h % f or w % f:
             raise ValueError(f"token grid {h}x{w} is not a multiple of {f}, which this config's down/upsampling needs")
-        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != B or encoder_hidden_states.shape[2] != cfg.encoder_hidden_size:
-            raise ValueError(
-                f"encoder_hidden_states must be (B={B}, L, {cfg.encoder_hidden_size}), got {tuple(encoder_hidden_states.shape)}"
-            )
+        text_shape = tuple(encoder_hidden_states.shape)
+        if len(text_shape) != 3 or text_shape[0] != B or text_shape[1] < 1 or text_shape[2] != cfg.encoder_hidden_size:
+            raise ValueError(f"encoder_hidden_states must be (B={B}, L>=1, {cfg.encoder_hidden_size}), got {text_shape}")
         if tuple(pooled_text_emb.shape) != (B, cfg.cond_embed_dim):
             raise ValueError(f"pooled_text_emb must be ({B}, {cfg.cond_embed_dim}), got {tuple(pooled_text_emb.shape)}")
         if tuple(micro_conds.shape) != (B, cfg.num_micro_conds):
@@ -362,7 +367,7 @@ class UViT(nn.Module):
     def forward_channels_last(self, input_ids, encoder_hidden_states, pooled_text_emb, micro_conds) -> torch.Tensor:
         """As `forward`, but logits stay (B, h, w, codebook_size): the layout the sampler and the loss read."""
         run = self._run
-        text = self.text_norm(self.text_proj(encoder_hidden_states))  # (B, L, D)
+        text = self.text_norm(self.text_proj(encoder_hidden_states.to(self.dtype)))  # (B, L, D)
         c = self.cond_embed(pooled_text_emb, micro_conds).to(text.dtype)  # (B, D)
 
         x = self.token_embed(input_ids)  # (B, h, w, C)

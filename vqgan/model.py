@@ -175,8 +175,9 @@ class VectorQuantizer(nn.Module):
         return torch.cdist(flat, self.codebook.weight.float()).argmin(dim=1).view(B, h, w)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, h, w) -> code vectors (B, E, h, w)."""
-        return self.codebook(ids).permute(0, 3, 1, 2)
+        """ids (B, h, w) -> code vectors (B, E, h, w), contiguous (a channels-last view would send the whole decoder
+        down channels-last convolution kernels, which round differently from the reference)."""
+        return self.codebook(ids).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         ids = self.nearest(z)
