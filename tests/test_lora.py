@@ -186,6 +186,20 @@ def test_adapter_saved_by_diffusers_loads_into_ours_with_the_same_logits(tmp_pat
     torch.testing.assert_close(our_logits(ours, inputs), expected, atol=ATOL, rtol=0)
 
 
+def test_peft_model_folder_loads_into_ours(tmp_path):
+    """A PeftModel.save_pretrained folder (what the reference's generate_images.py loads with PeftModel)."""
+    from peft import LoraConfig, get_peft_model
+
+    ref, ours = reference_and_ours()
+    inputs = tiny_inputs(ours.config)
+    peft_model = get_peft_model(ref, LoraConfig(r=4, lora_alpha=12, target_modules=REFERENCE_TARGETS, init_lora_weights=False))
+    expected = ref_logits(peft_model.base_model.model, inputs)
+    peft_model.save_pretrained(str(tmp_path))
+    load_lora_into(ours, tmp_path)
+    assert {layer.alpha for layer in lora_layers(ours).values()} == {12.0}
+    torch.testing.assert_close(our_logits(ours, inputs), expected, atol=ATOL, rtol=0)
+
+
 def test_peft_file_without_alpha_uses_scale_one_as_diffusers(tmp_path):
     """The reference script wrote no alpha; diffusers then loads alpha = rank. We do the same (override: alpha=)."""
     from safetensors.torch import save_file

@@ -92,10 +92,19 @@ def test_unreadable_image_is_skipped_and_counted_never_a_crash(tmp_path, tokeniz
     assert result.skipped_images >= 2 and result.skipped_names == {str(tmp_path / "img" / "broken.png")}
 
 
+def test_dataloader_workers_change_nothing(tmp_path, tokenizer):
+    """Crops are seeded per sample position, not per worker: 2 workers train exactly as the main process alone."""
+    images = make_images(tmp_path / "img")
+    alone = train(config(tmp_path / "a", images, max_train_steps=3), tiny_components(tokenizer))
+    workers = train(config(tmp_path / "b", images, max_train_steps=3, dataloader_num_workers=2), tiny_components(tokenizer))
+    assert workers.losses == alone.losses
+
+
 def _checkpoint_files(path: Path) -> dict:
     out = {"model": load_file(str(path / "model.safetensors"))}
-    if (path / "ema.safetensors").is_file():
-        out["ema"] = load_file(str(path / "ema.safetensors"))
+    for name in ("ema", "text_encoder"):
+        if (path / f"{name}.safetensors").is_file():
+            out[name] = load_file(str(path / f"{name}.safetensors"))
     out["optimizer"] = checkpoint.load_torch(path / "optimizer.pt")["state"]
     return out
 
@@ -122,8 +131,11 @@ def _assert_same(a, b, where=""):
              lr_warmup_steps=2, learning_rate=1e-3),
         # 8-bit AdamW states (bitsandbytes) in bf16 autocast
         dict(use_8bit_adam=True, mixed_precision="bf16", learning_rate=3e-3),
+        # LoRA on the U-ViT and on the text encoder, which then encodes the empty prompt with every batch
+        dict(use_lora=True, lora_r=2, train_text_encoder=True, text_encoder_use_lora=True, text_encoder_lora_r=2,
+             cond_dropout_prob=0.5, use_ema=True),
     ],
-    ids=["full", "lora-fp16", "8bit-bf16"],
+    ids=["full", "lora-fp16", "8bit-bf16", "text-encoder-lora"],
 )
 def test_resume_continues_exactly(tmp_path, tokenizer, recipe):
     """6 steps straight == 3 steps, then a new process-like run (fresh models) resumed from the checkpoint for 3."""
@@ -136,6 +148,16 @@ def test_resume_continues_exactly(tmp_path, tokenizer, recipe):
     )
     assert first.losses + second.losses == straight.losses  # bit for bit
     _assert_same(_checkpoint_files(tmp_path / "a/out/checkpoint-6"), _checkpoint_files(tmp_path / "b/out/checkpoint-6"))
+
+
+def test_resume_without_a_seed_keeps_the_runs_seed(tmp_path, tokenizer):
+    """--seed omitted on resume: the checkpoint's seed drives the data order, crops and masks, so the run continues
+    as the uninterrupted one."""
+    images = make_images(tmp_path / "img")
+    straight = train(config(tmp_path / "a", images, max_train_steps=4, seed=5), tiny_components(tokenizer))
+    train(config(tmp_path / "b", images, max_train_steps=2, checkpointing_steps=2, seed=5), tiny_components(tokenizer))
+    resumed = train(config(tmp_path / "b", images, max_train_steps=4, seed=None, resume_from_checkpoint="latest"), tiny_components(tokenizer))
+    assert resumed.losses == straight.losses[2:]
 
 
 CRASHING_CHILD = """
@@ -230,6 +252,30 @@ def test_dropout_probability_one_trains_exactly_as_empty_prompts(tmp_path, token
     # equal up to the ulps by which encoding "" once (batch 1) and four times (batch 4) differ in fp32
     np.testing.assert_allclose(all_dropped.losses, empty_prompts.losses, atol=1e-4, rtol=0)
     assert max(abs(a - b) for a, b in zip(none_dropped.losses, empty_prompts.losses)) > 1e-2
+
+
+@pytest.mark.parametrize("te_lora", [True, False], ids=["text-encoder-lora", "text-encoder-full"])
+def test_training_the_text_encoder(tmp_path, tokenizer, te_lora):
+    """--train_text_encoder (LoRA on CLIP's q/k/v projections, or all of it) with conditioning dropout: the text
+    encoder changes, and its weights are written next to the U-ViT's (peft layout for adapters)."""
+    from safetensors import safe_open
+
+    images = make_images(tmp_path / "img")
+    comps = tiny_components(tokenizer)
+    before = {n: p.detach().clone() for n, p in comps.text_encoder.named_parameters()}
+    cfg = config(tmp_path, images, use_lora=True, lora_r=2, train_text_encoder=True, text_encoder_use_lora=te_lora,
+                 text_encoder_lora_r=2, cond_dropout_prob=0.5, max_train_steps=3, learning_rate=1e-2)
+    train(cfg, comps)
+    after = dict(comps.text_encoder.named_parameters())
+    if te_lora:
+        assert any(n.endswith("q_proj.lora_b.weight") and float(p.detach().abs().max()) > 0 for n, p in after.items())
+        with safe_open(str(tmp_path / "out/pytorch_lora_weights.safetensors"), framework="pt") as f:
+            keys = list(f.keys())
+        assert any(k.startswith("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A") for k in keys)
+        assert any(k.startswith("transformer.") for k in keys)
+    else:
+        assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+        assert (tmp_path / "out/text_encoder/config.json").is_file()
 
 
 def test_8bit_adamw_on_cpu_lowers_the_loss(tmp_path, tokenizer):

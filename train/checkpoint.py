@@ -65,6 +65,13 @@ def resolve(output_dir: str | Path, spec: str | None) -> Path | None:
     return path
 
 
+def saved_seed(path: Path | None) -> int | None:
+    """The seed a checkpoint's run used (None without a checkpoint)."""
+    if path is None:
+        return None
+    return json.loads((path / DONE_FILE).read_text()).get("seed")
+
+
 def begin(output_dir: str | Path, step: int) -> Path:
     """A fresh temporary folder for the checkpoint of `step` (stale temporary folders of crashed saves are removed)."""
     d = Path(output_dir)

@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_inference_steps", type=int, default=d.validation_inference_steps, help="(ours)")
     g.add_argument("--report_to", default=d.report_to, help='"wandb" to log there too (WANDB_MODE=offline works); default none')
     g.add_argument("--device", default=None, help="(ours) default: cuda:<local rank> if available, else cpu")
+    g.add_argument("--no_save_at_end", dest="save_at_end", action="store_false", help="(ours) no last checkpoint or weights at the end (benchmarks)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=d.learning_rate)
     g.add_argument("--scale_lr", action="store_true", help="multiply the lr by batch x processes x accumulation")

@@ -81,6 +81,7 @@ class TrainConfig:
     # --- ours: placement and validation ---
     device: str | None = None  # default: cuda:<local rank> when CUDA is available, else cpu
     validation_inference_steps: int = 12
+    save_at_end: bool = True  # ours: write a last checkpoint and the trained weights when the run ends
 
     def __post_init__(self):
         if self.mixed_precision is None:

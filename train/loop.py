@@ -33,7 +33,7 @@ from .ema import EMA
 from .lora import CLIP_ALIASES, inject_lora, load_lora_into, save_lora
 from .masking import MaskingConfig, apply_masks, draw_masks, masked_cross_entropy
 from .optim import build_optimizer, build_scheduler, decay_groups, uvit_rename
-from .tracking import Tracker, memory_stats, setup_logging
+from .tracking import MemoryMonitor, Tracker, memory_stats, setup_logging
 
 log = logging.getLogger("train")
 
@@ -45,6 +45,7 @@ class TrainResult:
     skipped_images: int = 0  # unreadable images met (each time one was replaced)
     skipped_names: set[str] = field(default_factory=set)
     output_dir: Path | None = None
+    memory: dict[str, float] = field(default_factory=dict)  # peaks, see tracking.MemoryMonitor
 
 
 def train(cfg: TrainConfig, components=None) -> TrainResult:
@@ -61,30 +62,29 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
         torch.backends.cudnn.allow_tf32 = True
     # One seed for the run. The masks, conditioning dropout and data order are drawn for the global batch from
     # streams every process shares; torch's global RNG (LoRA dropout) differs per process, as data parallel wants.
-    seed = dist.broadcast(cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
+    resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)  # a checkpoint folder, or None (a fresh start)
+    seed = cfg.seed if cfg.seed is not None else checkpoint.saved_seed(resume)  # a resumed run keeps its seed
+    seed = dist.broadcast(seed if seed is not None else random.SystemRandom().randrange(2**31))
     torch.manual_seed(seed + dist.rank)
     gen = torch.Generator().manual_seed(seed)
 
-    # --- models ----------------------------------------------------------------------------------------------------
+    # --- models: the frozen encoders first (with pre-encoding they serve only that), then the U-ViT ---------------------
     if components is None:
         from convert import load_components
 
         log.info("loading %s", cfg.pretrained_model_name_or_path)
         components = load_components(cfg.pretrained_model_name_or_path, variant=cfg.variant, revision=cfg.revision)
-    transformer = prepare_transformer(cfg, components.transformer, device)
     text_encoder = prepare_text_encoder(cfg, components.text_encoder, device)
     tokenizer = components.tokenizer
     vqvae = components.vqvae.requires_grad_(False).eval().to(device)  # the VQ-GAN stays fp32, as the reference
-    mask_id = int((components.scheduler_config or {}).get("mask_token_id", transformer.mask_token_id))
-    trained = {"transformer": [p for p in transformer.parameters() if p.requires_grad]}
-    if cfg.train_text_encoder:
-        trained["text_encoder"] = [p for p in text_encoder.parameters() if p.requires_grad]
+    mask_id = int((components.scheduler_config or {}).get("mask_token_id", components.transformer.mask_token_id))
 
     def encode_prompts(prompts: list[str]):
         """prompts -> (encoder_hidden_states (B, 77, D), prompt_embeds (B, Dc)), with grad when the encoder trains."""
         from muse.text import encode_text
 
-        fn = encode_text.__wrapped__ if cfg.train_text_encoder else encode_text  # __wrapped__: without no_grad
+        # encode_text runs under no_grad (inference); a trained encoder needs its undecorated body
+        fn = getattr(encode_text, "__wrapped__", encode_text) if cfg.train_text_encoder else encode_text
         cond = fn(tokenizer, text_encoder, prompts)
         return cond.encoder_hidden_states, cond.prompt_embeds
 
@@ -100,13 +100,22 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
         dist.barrier()
         dataset = PreEncodedDataset(cache)
         empty = (dataset.empty_hidden, dataset.empty_pooled)
-        if not cfg.validation_prompts:  # nothing needs the VQ-GAN or the text encoder any more: free them
+        if cfg.validation_prompts:  # kept for validation, off the training device
+            vqvae, text_encoder = vqvae.to("cpu"), text_encoder.to("cpu")
+        else:  # nothing needs them any more: free them
             vqvae = text_encoder = components.vqvae = components.text_encoder = None
-            gc.collect()
-    elif not cfg.train_text_encoder:
-        empty = encode_prompts([""])  # the empty prompt's conditioning, for conditioning dropout
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     else:
-        empty = None  # encoded with every batch, through the trained encoder
+        # training encodes only: the VQ decoder (60% of the VQ-GAN) waits on the CPU until validation needs it
+        vqvae.decoder.to("cpu")
+        vqvae.post_quant_conv.to("cpu")
+        empty = None if cfg.train_text_encoder else encode_prompts([""])  # the empty prompt, for conditioning dropout
+    transformer = prepare_transformer(cfg, components.transformer, device)
+    trained = {"transformer": [p for p in transformer.parameters() if p.requires_grad]}
+    if cfg.train_text_encoder:
+        trained["text_encoder"] = [p for p in text_encoder.parameters() if p.requires_grad]
     B, G = cfg.train_batch_size, cfg.train_batch_size * dist.world
     masking = MaskingConfig(cfg.min_masking_rate, cfg.rect_mask_prob, cfg.label_smoothing)
 
@@ -126,7 +135,6 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
 
     # --- resume ------------------------------------------------------------------------------------------------------
     step, position = 0, 0  # optimizer steps done; global batches consumed
-    resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)
     if cfg.resume_from_checkpoint and resume is None:
         log.info("no checkpoint in %s yet: starting a new run", out)
     if resume is not None:
@@ -158,6 +166,7 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     )
 
     # --- the loop ----------------------------------------------------------------------------------------------------
+    monitor = MemoryMonitor(device).start()
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not dist.main, desc="train")
     window_loss, window_ratio, window_start = [], [], time.perf_counter()
     while step < cfg.max_train_steps:
@@ -225,16 +234,19 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
         if step % cfg.checkpointing_steps == 0:
             save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
     bar.close()
+    result.memory = monitor.stop()
+    log.info("memory: %s", " ".join(f"{k}={v}" for k, v in result.memory.items()))
 
     # --- the end: a last checkpoint, then the trained weights (EMA if on) ---------------------------------------------
-    if not (out / f"checkpoint-{step}" / checkpoint.DONE_FILE).is_file():
+    if cfg.save_at_end and not (out / f"checkpoint-{step}" / checkpoint.DONE_FILE).is_file():
         save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
-    if dist.main:
+    if dist.main and cfg.save_at_end:
         if ema is not None:
             ema.copy_to_params()
         save_final(out, cfg, transformer, text_encoder)
-        if result.skipped_images:
-            log.warning("%d unreadable image(s) were skipped (%d distinct): %s", result.skipped_images, len(result.skipped_names), sorted(result.skipped_names)[:5])
+    if dist.main and result.skipped_images:
+        names = sorted(result.skipped_names)
+        log.warning("%d unreadable image(s) were skipped (%d distinct): %s", result.skipped_images, len(names), names[:5])
     dist.barrier()
     tracker.finish()
     result.step = step
@@ -318,21 +330,27 @@ def validate(cfg, components, transformer, vqvae, text_encoder, tokenizer, ema, 
     from muse import Pipeline
 
     device = transformer.device
-    vqvae.to(device)
-    text_encoder.to(device)
+    parts = [vqvae.encoder, vqvae.quant_conv, vqvae.quantizer, vqvae.post_quant_conv, vqvae.decoder, text_encoder]
+    placement = [(m, next(m.parameters()).device) for m in parts]  # put back afterwards (some wait on the CPU)
     was_training = (transformer.training, text_encoder.training)
+    vqvae.to(device)
+    text_encoder.to(device).eval()
     transformer.eval()
-    text_encoder.eval()
-    with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-        pipe = Pipeline(transformer, vqvae, text_encoder, tokenizer, mask_token_id=(components.scheduler_config or {}).get("mask_token_id"))
-        images = pipe(
-            list(cfg.validation_prompts),
-            generator=torch.Generator().manual_seed(seed),
-            num_inference_steps=cfg.validation_inference_steps,
-            progress_bar=False,
-        )
-    transformer.train(was_training[0])
-    text_encoder.train(was_training[1])
+    try:
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            mask_id = (components.scheduler_config or {}).get("mask_token_id")
+            pipe = Pipeline(transformer, vqvae, text_encoder, tokenizer, mask_token_id=mask_id)
+            images = pipe(
+                list(cfg.validation_prompts),
+                generator=torch.Generator().manual_seed(seed),
+                num_inference_steps=cfg.validation_inference_steps,
+                progress_bar=False,
+            )
+    finally:
+        transformer.train(was_training[0])
+        text_encoder.train(was_training[1])
+        for module, where in placement:
+            module.to(where)
     folder = out / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, cfg.validation_prompts)):

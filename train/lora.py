@@ -18,8 +18,9 @@ Files:
     `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight` (text encoder: `text_encoder.<hf module>...`),
     and the `lora_adapter_metadata` header entry (r, lora_alpha, target_modules, ...) that diffusers reads, so
     `UVit2DModel.load_lora_adapter(dir, prefix="transformer")` rebuilds the same adapter with the same scale.
-  Reading accepts both, plus peft files without metadata (then alpha = rank, as diffusers assumes) and kohya-style
-  `<module>.alpha` entries.
+  Reading accepts both, plus peft files without metadata (then alpha = rank, as diffusers assumes), kohya-style
+  `<module>.alpha` entries, and `PeftModel.save_pretrained` folders (adapter_model.safetensors + adapter_config.json,
+  what the reference's generate_images.py loads).
 """
 
 from __future__ import annotations
@@ -401,7 +402,7 @@ def save_lora(
 def _resolve_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
-        for name in (MUSE_WEIGHT_NAME, PEFT_WEIGHT_NAME):
+        for name in (MUSE_WEIGHT_NAME, PEFT_WEIGHT_NAME, "adapter_model.safetensors"):
             if (path / name).is_file():
                 return path / name
         found = sorted(path.glob("*.safetensors"))
@@ -419,6 +420,9 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     with safe_open(str(file), framework="pt", device="cpu") as f:
         metadata = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    peft_config = file.parent / "adapter_config.json"  # a PeftModel.save_pretrained folder keeps its LoraConfig here
+    if PEFT_METADATA_KEY not in metadata and peft_config.is_file():
+        metadata[PEFT_METADATA_KEY] = peft_config.read_text()
     return tensors, metadata
 
 
@@ -473,7 +477,7 @@ def _parse_peft(tensors, metadata, model, prefix, alpha_override) -> dict[str, A
     for key in tensors:
         if not key.endswith(".lora_A.weight"):
             continue
-        theirs = key.removesuffix(".lora_A.weight")
+        theirs = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")  # PeftModel files wrap names
         theirs = re.sub(r"\.(default|default_0)$", "", theirs)
         b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:

@@ -4,8 +4,10 @@ WANDB_MODE=offline to run without an account or network). Only the main process 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -30,6 +32,52 @@ def setup_logging(main: bool, logfile: Path | None = None) -> None:
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+class MemoryMonitor:
+    """The peak of the resident memory over a stretch of the run (a thread samples it every `interval` seconds), and
+    on CUDA the peak of allocated memory over the same stretch. `ru_maxrss` cannot be reset; this can: it tells the
+    training steps' memory apart from loading and pre-encoding."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device, self.interval = device, interval
+        self.peak_rss_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.setup_cuda_peak_mb = 0.0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
+            self._stop.wait(self.interval)
+
+    def start(self) -> "MemoryMonitor":
+        if self.device.type == "cuda":
+            self.setup_cuda_peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
+        stats = {"peak_rss_mb": round(peak_rss_mb(), 1), "training_peak_rss_mb": round(self.peak_rss_mb, 1)}
+        if self.device.type == "cuda":
+            training = torch.cuda.max_memory_allocated(self.device) / 2**20
+            stats["training_cuda_max_allocated_mb"] = round(training, 1)
+            stats["cuda_max_allocated_mb"] = round(max(training, self.setup_cuda_peak_mb), 1)
+            stats["training_cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved(self.device) / 2**20, 1)
+        return stats
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
