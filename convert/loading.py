@@ -28,6 +28,7 @@ from vqgan import VQGANConfig
 from .components import MASKING_SCHEDULES, Components, default_scheduler_config
 from .hub import resolve_pipeline_dir
 from .mapping import ConversionError
+from .meta_init import skip_meta_init
 from .networks import uvit_from_diffusers, vqgan_from_diffusers
 from .safe_load import CheckpointError, read_json, read_sharded_safetensors, read_weights
 from .text_encoder import load_text_encoder, load_tokenizer
@@ -97,7 +98,8 @@ def _network_from_folder(folder: Path, variant, dtype, stems, class_name, build:
     weights = find_weights(folder, stems, variant)
     state_dict = read_component_weights(weights)
     try:
-        return build(config, state_dict, dtype=dtype)
+        with skip_meta_init():  # `build` constructs on the meta device; skip the random init it would discard
+            return build(config, state_dict, dtype=dtype)
     except ConversionError as e:
         raise CheckpointError(f"{weights}: does not match {config_path}: {e}") from None
 

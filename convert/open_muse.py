@@ -44,6 +44,7 @@ from vqgan import VQGAN, VQGANConfig
 from .components import Components, default_scheduler_config
 from .diffusers_keys import UVIT_KEYMAP, VQGAN_KEYMAP
 from .mapping import ConversionError, KeyMap, Layout, to_ours
+from .meta_init import empty_modules
 from .safe_load import CheckpointError, read_json, read_weights
 from .text_encoder import load_text_encoder, load_tokenizer
 
@@ -321,7 +322,7 @@ def vqgan_config_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.
 def uvit_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype=None, what="open-muse U-ViT") -> UViT:
     """An open-muse MaskGiTUViT(_v2) (config.json content + state dict) -> our UViT, every tensor checked."""
     cfg = uvit_config_from_open_muse(config, state_dict, where=what)
-    with torch.device("meta"):
+    with empty_modules():
         model = UViT(cfg)
     return to_ours(model, OPEN_MUSE_UVIT_KEYMAP, join_geglu_halves(state_dict), what=what, dtype=dtype).eval()
 
@@ -329,7 +330,7 @@ def uvit_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.Tensor],
 def vqgan_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype=None, what="open-muse VQ-GAN") -> VQGAN:
     """A taming-style open-muse VQGANModel (config.json content + state dict) -> our VQGAN, every tensor checked."""
     cfg = vqgan_config_from_open_muse(config, state_dict, where=what)
-    with torch.device("meta"):
+    with empty_modules():
         model = VQGAN(cfg)
     keymap = open_muse_vqgan_keymap(len(cfg.block_out_channels))
     return to_ours(model, keymap, state_dict, what=what, dtype=dtype).eval()

@@ -25,6 +25,7 @@ from vqgan import VQGAN, VQGANConfig
 from .components import Components
 from .loading import check_scheduler_config
 from .mapping import KeyMap, to_ours
+from .meta_init import empty_modules
 from .safe_load import CheckpointError, read_json, read_safetensors, write_json
 from .text_encoder import load_text_encoder, load_tokenizer, text_encoder_config, text_encoder_state_dict
 
@@ -116,7 +117,7 @@ def load_network(folder: Path, model_cls, config_cls, dtype: torch.dtype | None 
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: invalid {model_cls.__name__} config ({e})") from None
     state_dict = read_safetensors(weights)
-    with torch.device("meta"):
+    with empty_modules():
         model = model_cls(config)
     try:
         return to_ours(model, IDENTITY, state_dict, what=str(weights), dtype=dtype).eval()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .clip_tokenizer import EOS, MODEL_MAX_LENGTH, offline_clip_tokenizer
+from .meta_init import empty_modules
 from .safe_load import CheckpointError, read_json
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def text_encoder_from_state_dict(
         cfg = CLIPTextConfig(**config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{what}: invalid CLIP text config ({e})") from None
-    with torch.device("meta"):
+    with empty_modules():
         model = CLIPTextModelWithProjection(cfg)
     expected = model.state_dict(keep_vars=True)
     persistent = {k: v for k, v in expected.items()}
