@@ -252,9 +252,10 @@ def test_vqgan_weights_of_another_config_are_refused(reference_pipelines):
 
 @pytest.mark.parametrize("network", ["uvit", "vqgan"])
 def test_conversion_builds_on_meta_device_without_random_init(reference_pipelines, network, monkeypatch):
-    """Every initialiser the modules call runs on meta tensors (no memory, no time), and the finished model holds
-    the given tensors on the CPU. (Timing on this machine: the full 256 U-ViT converts in about 0.3 s, against
-    7 to 14 s for a random initialisation; see the report of issue 2.)"""
+    """No initialiser the modules call touches a real tensor (they run on meta tensors, or not at all), and the
+    finished model holds the given tensors on the CPU. A control build on the CPU shows the probe sees real inits.
+    (Timing on this machine: the full 256 U-ViT converts in 0.3 to 0.5 s, against 12 to 15 s for a random
+    initialisation; the report of issue 2 has the numbers.)"""
     from_diffusers, _, _, component = NETWORKS[network]
     ref = component(reference_pipelines("tiny-512"))  # built before the patch: its own init is not ours to judge
     devices = []
@@ -267,9 +268,10 @@ def test_conversion_builds_on_meta_device_without_random_init(reference_pipeline
 
         monkeypatch.setattr(torch.nn.init, name, recording)
     model = from_diffusers(dict(ref.config), ref.state_dict())
-    assert devices, "no initialiser ran at all: the check would prove nothing"
-    assert set(devices) == {"meta"}
+    assert set(devices) <= {"meta"}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+    type(model)(model.config)  # control: a plain build initialises real tensors, and the probe records it
+    assert "cpu" in devices
 
 
 @pytest.mark.parametrize("network", ["uvit", "vqgan"])
