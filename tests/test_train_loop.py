@@ -301,6 +301,11 @@ def test_training_from_a_pre_encoded_cache_frees_the_encoders(tmp_path, tokenize
     stamp = cache.stat().st_mtime_ns
     train(config(tmp_path, images, pre_encode=True, max_train_steps=31, resume_from_checkpoint="latest"), tiny_components(tokenizer))
     assert cache.stat().st_mtime_ns == stamp  # same model, data and resolution: the cache is reused
+    # with validation prompts the encoders are kept (off the training device) for the validation images
+    comps = tiny_components(tokenizer)
+    train(config(tmp_path / "v", images, pre_encode=True, max_train_steps=1, validation_prompts=["a red cube"],
+                 validation_steps=1, validation_inference_steps=2), comps)
+    assert comps.vqvae is not None and (tmp_path / "v/out/validation/step-1/00.png").is_file()
 
 
 def test_parameter_groups_exempt_what_the_reference_exempts():
