@@ -161,6 +161,7 @@ class Pipeline:
         tokenizer,
         masking_schedule: ScheduleLike = "cosine",
         mask_token_id: int | None = None,
+        sampling_defaults: dict[str, Any] | None = None,
     ):
         self.transformer = transformer
         self.vqvae = vqvae
@@ -178,6 +179,11 @@ class Pipeline:
             raise ValueError(
                 f"the VQ-GAN has {vqvae.quantizer.num_codes} codes but the U-ViT predicts {cfg.codebook_size}"
             )
+        # Sampling defaults a model folder may declare (e.g. a lower guidance scale for a small model); arguments
+        # given to a call override them, and without them every default is the reference's.
+        self.sampling_defaults = dict(sampling_defaults or {})
+        SamplingOptions.from_kwargs(self.sampling_defaults)  # unknown names or bad values fail here, not mid-call
+        self._transformer_forward = transformer.forward_channels_last
 
     # --- construction and placement ---------------------------------------------------------------------------------
     @classmethod
@@ -202,12 +208,31 @@ class Pipeline:
             c.tokenizer,
             masking_schedule=cfg.get("masking_schedule", "cosine"),
             mask_token_id=cfg.get("mask_token_id"),
+            sampling_defaults=cfg.get("sampling_defaults"),
         )
+
+    def load_lora(self, path: str | Path, merge: bool = False) -> "Pipeline":
+        """Load a LoRA adapter into the transformer: ours (`lora.safetensors`), the diffusers/peft file
+        (`pytorch_lora_weights.safetensors`) or a peft folder; `merge=True` folds it into the weights."""
+        from train.lora import load_lora_into
+
+        load_lora_into(self.transformer, path, merge=merge)
+        self._transformer_forward = self.transformer.forward_channels_last
+        return self
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> "Pipeline":
+        """Replay the U-ViT's forward from CUDA graphs (one capture per batch/grid shape): same logits, far fewer
+        kernel launches. Needs the transformer on a CUDA device; call again after moving or changing it."""
+        from .acceleration import CUDAGraphForward
+
+        self._transformer_forward = CUDAGraphForward(self.transformer) if enabled else self.transformer.forward_channels_last
+        return self
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move (and cast) the three networks."""
         for m in (self.transformer, self.vqvae, self.text_encoder):
             m.to(device=device, dtype=dtype)
+        self._transformer_forward = self.transformer.forward_channels_last  # captured CUDA graphs are stale now
         return self
 
     @property
@@ -266,7 +291,7 @@ class Pipeline:
     ):
         """Text to image. `height`/`width` default to the model's sample size; `latents` (N, h, w) are optional
         starting tokens (mask id where unknown). Other arguments: see `SamplingOptions`."""
-        opts = SamplingOptions.from_kwargs(options)
+        opts = self._options(options)
         f = self.vae_scale_factor
         default = self.transformer.config.sample_size * f
         height, width = height or default, width or default
@@ -291,7 +316,7 @@ class Pipeline:
         """Image to image: the image's tokens, each masked with probability schedule(start / N), are decoded for the
         last int(N * strength) steps (start = N - that). At strength 1 every token is masked (the reference masks
         none: a defect). `image`: one image (used for every prompt) or one per prompt, sides multiples of 16 px."""
-        opts = SamplingOptions.from_kwargs(options)
+        opts = self._options(options)
         first = self._first_step(strength, opts.num_inference_steps)
         cond = self._text_conditioning(prompt, opts)
         pixels, tokens = self._encode_image(image, len(cond), opts)
@@ -322,7 +347,7 @@ class Pipeline:
         the masked counts are scaled by the masked fraction (the reference's rule). The whole image is decoded from
         tokens, so pixels outside the mask are VQ reconstructions; `paste_unmasked=True` puts the original pixels
         back there (using the mask at full resolution)."""
-        opts = SamplingOptions.from_kwargs(options)
+        opts = self._options(options)
         if paste_unmasked and opts.output_type == "latent":
             raise ValueError("paste_unmasked works on pixels; it cannot return output_type='latent'")
         first = self._first_step(strength, opts.num_inference_steps)
@@ -347,6 +372,10 @@ class Pipeline:
         return self._format(torch.where(keep, out, original), opts.output_type)
 
     # --- shared machinery -------------------------------------------------------------------------------------------
+    def _options(self, options: dict[str, Any]) -> SamplingOptions:
+        """A call's arguments over the model's declared sampling defaults over the reference's."""
+        return SamplingOptions.from_kwargs({**self.sampling_defaults, **options})
+
     @staticmethod
     def _first_step(strength: float, num_steps: int) -> int:
         """Index of the first step run for `strength` (the last int(N * strength) steps run)."""
@@ -424,7 +453,7 @@ class Pipeline:
 
         for i in tqdm(range(start.first_step, N), desc="decoding", disable=not opts.progress_bar):
             model_input = torch.cat([tokens, tokens]) if opts.guided else tokens  # (rows, h, w)
-            logits = self.transformer.forward_channels_last(
+            logits = self._transformer_forward(
                 model_input, cond.encoder_hidden_states, cond.prompt_embeds, micro
             )  # (rows, h, w, K)
             if opts.guided:
