@@ -29,7 +29,7 @@ log = logging.getLogger("muse")
 AddParser = Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
 
 # modules exposing `add_parser(subparsers)`, registered when present
-COMMAND_MODULES = ["muse.evaluate", "muse.evaluation.command"]
+COMMAND_MODULES = ["muse.evaluation.command", "muse.shapes_judge"]
 
 _REGISTRY: list[AddParser] = []
 
@@ -92,9 +92,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded default model)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
-    p.add_argument("--steps", type=int, default=12, help="decoding steps (default 12)")
-    p.add_argument("--guidance-scale", type=float, default=10.0, help="classifier-free guidance, on when > 1 (default 10)")
-    p.add_argument("--temperature", type=_temperature, default=(2.0, 0.0), help="re-masking temperature T or 'start,end' (default 2,0)")
+    # None = the model's declared default, else the reference's (12 steps, guidance 10, temperature 2,0)
+    p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the model's, else 12)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance, on when > 1 (default: the model's, else 10)")
+    p.add_argument("--temperature", type=_temperature, default=None,
+                   help="re-masking temperature T or 'start,end' (default: the model's, else 2,0)")
     p.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: a random seed, printed)")
     p.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
     p.add_argument("--out", type=Path, default=None, help="a .png file, or a folder (default: muse-<command>.png)")
@@ -152,13 +155,12 @@ def _options(args, pipe) -> dict:
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     log.info("seed %d", seed)
+    given = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, temperature=args.temperature)
     return dict(
         negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        temperature=args.temperature,
         num_images_per_prompt=args.num_images,
         generator=[torch.Generator(device=pipe.device).manual_seed(seed + i) for i in range(args.num_images)],
+        **{k: v for k, v in given.items() if v is not None},  # unset: the pipeline's (model's) default
     )
 
 

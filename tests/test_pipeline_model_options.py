@@ -110,3 +110,28 @@ def test_cuda_graph_replay_matches_eager(components):
 def test_cuda_graphs_refuse_a_cpu_model(components):
     with pytest.raises(ValueError, match="CUDA device"):
         make_pipe(components).enable_cuda_graphs()
+
+
+def test_cli_uses_the_declared_defaults_unless_given(components, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from muse.cli import main
+
+    c = copy.copy(components)
+    c.scheduler_config = {**components.scheduler_config, "sampling_defaults": {"guidance_scale": 3.0}}
+    convert.save_components(c, tmp_path / "m")
+    pipe = make_pipe(components)
+    prompt = PROMPTS[0]
+
+    def cli(*extra):
+        out = tmp_path / f"cli{len(extra)}.png"
+        assert main(["generate", prompt, "--model", str(tmp_path / "m"), "--seed", "0", "--out", str(out), *extra]) == 0
+        return np.asarray(Image.open(out).convert("RGB"))
+
+    def direct(**kw):
+        image = pipe(prompt, generator=[torch.Generator().manual_seed(0)], progress_bar=False, **kw)[0]
+        return np.asarray(image.convert("RGB"))
+
+    assert np.array_equal(cli(), direct(guidance_scale=3.0))
+    assert np.array_equal(cli("--guidance-scale", "10"), direct(guidance_scale=10.0))
