@@ -183,7 +183,9 @@ class Pipeline:
         # given to a call override them, and without them every default is the reference's.
         self.sampling_defaults = dict(sampling_defaults or {})
         SamplingOptions.from_kwargs(self.sampling_defaults)  # unknown names or bad values fail here, not mid-call
-        self._transformer_forward = transformer.forward_channels_last
+        # The U-ViT call of the decoding loop, (ids, uvit.Conditioning) -> logits (B, h, w, K): None = the
+        # transformer's `forward_prepared`, or a replacement computing the same (the CUDA-graph replay).
+        self._transformer_forward = None
 
     # --- construction and placement ---------------------------------------------------------------------------------
     @classmethod
@@ -217,7 +219,7 @@ class Pipeline:
         from train.lora import load_lora_into
 
         load_lora_into(self.transformer, path, merge=merge)
-        self._transformer_forward = self.transformer.forward_channels_last
+        self._transformer_forward = None  # captured CUDA graphs would replay the old weights
         return self
 
     def enable_cuda_graphs(self, enabled: bool = True) -> "Pipeline":
@@ -225,14 +227,14 @@ class Pipeline:
         kernel launches. Needs the transformer on a CUDA device; call again after moving or changing it."""
         from .acceleration import CUDAGraphForward
 
-        self._transformer_forward = CUDAGraphForward(self.transformer) if enabled else self.transformer.forward_channels_last
+        self._transformer_forward = CUDAGraphForward(self.transformer) if enabled else None
         return self
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move (and cast) the three networks."""
         for m in (self.transformer, self.vqvae, self.text_encoder):
             m.to(device=device, dtype=dtype)
-        self._transformer_forward = self.transformer.forward_channels_last  # captured CUDA graphs are stale now
+        self._transformer_forward = None  # captured CUDA graphs are stale now
         return self
 
     @property
@@ -442,6 +444,9 @@ class Pipeline:
             dtype=cond.encoder_hidden_states.dtype,
         )[None].expand(len(cond), -1)  # (rows, 5), the same row for every sample
         self.transformer.check_inputs(tokens.repeat(len(cond) // B, 1, 1), cond.encoder_hidden_states, cond.prompt_embeds, micro)
+        # what the U-ViT derives from the text alone (modulations, cross-attention keys and values), once per call
+        prepared = self.transformer.prepare(cond.encoder_hidden_states, cond.prompt_embeds, micro)
+        forward = self.transformer.forward_prepared if self._transformer_forward is None else self._transformer_forward
 
         remask_temperatures = sampling.remask_temperatures(N, opts.temperature, device=device)
         scales = sampling.guidance_scales(N, opts.guidance_scale, opts.guidance_schedule)
@@ -453,9 +458,7 @@ class Pipeline:
 
         for i in tqdm(range(start.first_step, N), desc="decoding", disable=not opts.progress_bar):
             model_input = torch.cat([tokens, tokens]) if opts.guided else tokens  # (rows, h, w)
-            logits = self._transformer_forward(
-                model_input, cond.encoder_hidden_states, cond.prompt_embeds, micro
-            )  # (rows, h, w, K)
+            logits = forward(model_input, prepared)  # (rows, h, w, K)
             if opts.guided:
                 logits = sampling.classifier_free_guidance(logits, scales[i])  # (B, h, w, K)
             flat, _ = sampling.decode_step(

@@ -105,11 +105,11 @@ def assert_same(ours_out, theirs_out):
 
 
 class FirstInput:
-    """Wraps a U-ViT's forward_channels_last to record the token grid of its first call."""
+    """Wraps a U-ViT's forward_prepared (what the decoding loop calls) to record the token grid of its first call."""
 
     def __init__(self, transformer):
         self.transformer, self.tokens = transformer, None
-        self._forward = transformer.forward_channels_last
+        self._forward = transformer.forward_prepared
 
     def __enter__(self):
         def spy(ids, *args):
@@ -117,11 +117,11 @@ class FirstInput:
                 self.tokens = ids.clone()
             return self._forward(ids, *args)
 
-        self.transformer.forward_channels_last = spy
+        self.transformer.forward_prepared = spy
         return self
 
     def __exit__(self, *exc):
-        del self.transformer.forward_channels_last  # back to the class method
+        del self.transformer.forward_prepared  # back to the class method
 
 
 # --- image to image ----------------------------------------------------------------------------------------------

@@ -134,6 +134,29 @@ def test_channels_last_forward_is_forward_transposed(reference_pipelines):
 
 
 @pytest.mark.parametrize("kind", ["tiny-256", "tiny-512"])
+def test_prepared_conditioning_gives_the_same_logits(reference_pipelines, kind):
+    """The decoding loop prepares the text-only part of the network once (modulations, cross-attention keys and
+    values) and calls `forward_prepared` at every step: the same operations on the same tensors, so the logits are
+    bit-equal to the unprepared forward's, and reusing one conditioning for new token grids stays equal."""
+    ref = reference_pipelines(kind).transformer
+    ours = uvit_from_diffusers(dict(ref.config), ref.state_dict())
+    ids, text, pooled, micro = uvit_inputs(ours.config, 2, (4, 6), 7)
+    with torch.no_grad():
+        cond = ours.prepare(text, pooled, micro)
+        assert torch.equal(ours.forward_prepared(ids, cond), ours.forward_channels_last(ids, text, pooled, micro))
+        other_ids = uvit_inputs(ours.config, 2, (4, 6), 7, seed=1)[0]
+        assert torch.equal(ours.forward_prepared(other_ids, cond), ours.forward_channels_last(other_ids, text, pooled, micro))
+
+
+def test_prepared_conditioning_for_other_rows_raises(tiny_512):
+    ids, text, pooled, micro = uvit_inputs(tiny_512.config, 2, (4, 4), 3)
+    with torch.no_grad():
+        cond = tiny_512.prepare(text, pooled, micro)
+        with pytest.raises(ValueError, match="2 rows"):
+            tiny_512.forward_prepared(ids[:1], cond)
+
+
+@pytest.mark.parametrize("kind", ["tiny-256", "tiny-512"])
 def test_dropout_matches_reference_in_training_mode(kind):
     """With dropout on and the same seed, training-mode logits are equal: our dropouts sit where the reference's do
     (after each attention's output projection, between GEGLU and its output projection, after the ConvNeXt MLP),

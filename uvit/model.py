@@ -12,11 +12,19 @@ Data flow (shapes for amused-256; B batch, h x w token grid, L text length):
 
 The whole network runs channels-last, so there is no (B, C, H, W) <-> (B, L, C) copy between the convolutional
 stages and the attention layers; only the 3x3 depthwise and the 2x2 resampling convs see a permuted view.
+
+Conditioning. Every block that reads the text or the conditioning vector c (ConvNeXt modulations, text attentions,
+transformer layers) does so through `prepare(c, text)`: the adaptive-norm (scale, shift) pairs and the keys and values
+of its cross-attentions, which depend on the text and micro-conditions only. `UViT.prepare` computes them for all 34
+blocks at once; a sampler that calls the model 12 times with the same text (the decoding loop) prepares once and
+calls `forward_prepared` at each step. `forward` and `forward_channels_last` prepare each block's conditioning just
+before the block runs (inside its gradient checkpoint, when that is on), with the very same operations.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +57,22 @@ def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch
     return x * (1 + scale.view(view)) + shift.view(view)
 
 
+class Modulation(NamedTuple):
+    """An adaptive norm's (scale, shift) for a batch of conditioning vectors, each (B, dim)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def modulation_of(linear: nn.Linear, c: torch.Tensor) -> Modulation:
+    """(scale, shift) = Linear(SiLU(c)) split in two, scale first: (B, D_c) -> 2 x (B, dim)."""
+    scale, shift = linear(F.silu(c)).chunk(2, dim=-1)
+    return Modulation(scale, shift)
+
+
 class AdaptiveNorm(nn.Module):
     """A norm whose output is modulated by the conditioning vector: norm(x) * (1 + scale) + shift,
-    with (scale, shift) = Linear(SiLU(c)) split in two (scale first)."""
+    with (scale, shift) = Linear(SiLU(c)) split in two (scale first), prepared once per conditioning."""
 
     def __init__(self, dim: int, cond_dim: int, kind: str, eps: float, affine: bool, bias: bool):
         super().__init__()
@@ -63,13 +84,23 @@ class AdaptiveNorm(nn.Module):
             raise ValueError(f"unknown norm kind {kind!r}")
         self.modulation = nn.Linear(cond_dim, 2 * dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.modulation(F.silu(c).to(x.dtype)).chunk(2, dim=-1)
-        return modulate(self.norm(x), scale, shift)
+    def prepare(self, c: torch.Tensor) -> Modulation:
+        return modulation_of(self.modulation, c)
+
+    def forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+        return modulate(self.norm(x), mod.scale, mod.shift)
+
+
+class KeyValue(NamedTuple):
+    """An attention's keys and values with the heads split: each (B, heads, L, head_dim)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention. Self-attention when `context` is None.
+    """Multi-head attention through F.scaled_dot_product_attention. Self-attention when no keys/values are given;
+    cross-attention reads the keys and values of its context from `key_value(context)`, computed once per context.
     Dropout acts on the output projection only (not on the attention probabilities), as in the reference."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False, dropout: float = 0.0):
@@ -82,13 +113,18 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim, bias=bias)
         self.out_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
+    def key_value(self, context: torch.Tensor) -> KeyValue:
+        """context (B, L, context_dim) -> keys and values (B, heads, L, D / heads) each."""
+        B, L, _ = context.shape
+        k = self.k(context).view(B, L, self.heads, -1).transpose(1, 2)
+        v = self.v(context).view(B, L, self.heads, -1).transpose(1, 2)
+        return KeyValue(k, v)
+
+    def forward(self, x: torch.Tensor, kv: KeyValue | None = None) -> torch.Tensor:
         B, L, D = x.shape
         # (B, L, D) -> (B, heads, L, D / heads)
         q = self.q(x).view(B, L, self.heads, -1).transpose(1, 2)
-        k = self.k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        k, v = self.key_value(x) if kv is None else kv
         y = F.scaled_dot_product_attention(q, k, v)
         y = y.transpose(1, 2).reshape(B, L, D)
         return self.out_dropout(self.out(y))
@@ -141,13 +177,15 @@ class ConvNeXtBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.modulation = nn.Linear(cfg.hidden_size, 2 * C, bias=bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def prepare(self, c: torch.Tensor, text: torch.Tensor) -> Modulation:
+        return modulation_of(self.modulation, c)
+
+    def forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
         # x: (B, H, W, C); the conv sees a (B, C, H, W) view of it
         h = self.depthwise(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         h = self.fc2(self.grn(F.gelu(self.fc1(self.norm(h)))))
         x = x + self.dropout(h)
-        scale, shift = self.modulation(F.silu(c)).chunk(2, dim=-1)
-        return modulate(x, scale, shift)
+        return modulate(x, mod.scale, mod.shift)
 
 
 class TextAttentionBlock(nn.Module):
@@ -164,13 +202,17 @@ class TextAttentionBlock(nn.Module):
         self.norm2 = RMSNorm(C, 1e-6)
         self.attn2 = Attention(C, cfg.block_num_heads, bias=bias, dropout=cfg.attention_dropout)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+    def prepare(self, c: torch.Tensor, text: torch.Tensor) -> tuple[KeyValue, KeyValue]:
+        """The two attentions' keys and values of the text (B, L, hidden_size)."""
         if self.context_proj is not None:
-            text = self.context_proj(F.silu(text))
+            text = self.context_proj(F.silu(text))  # (B, L, C)
+        return self.attn1.key_value(text), self.attn2.key_value(text)
+
+    def forward(self, x: torch.Tensor, kv: tuple[KeyValue, KeyValue]) -> torch.Tensor:
+        B, H, W, C = x.shape
         x = x.reshape(B, H * W, C)
-        x = x + self.attn1(self.norm1(x), text)
-        x = x + self.attn2(self.norm2(x), text)
+        x = x + self.attn1(self.norm1(x), kv[0])
+        x = x + self.attn2(self.norm2(x), kv[1])
         return x.view(B, H, W, C)
 
 
@@ -189,6 +231,10 @@ class Resample(nn.Module):
         return self.conv(self.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+# A conditioned block's call: step(block, x) -> x, with the block's conditioning found by the caller (UViT._trunk).
+Step = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
 class ConvStage(nn.Module):
     """n x (ConvNeXtBlock, TextAttentionBlock), with an optional resampling before (down) or after (up)."""
 
@@ -199,18 +245,31 @@ class ConvStage(nn.Module):
         self.res_blocks = nn.ModuleList(ConvNeXtBlock(cfg) for _ in range(cfg.num_res_blocks))
         self.attn_blocks = nn.ModuleList(TextAttentionBlock(cfg) for _ in range(cfg.num_res_blocks))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, run) -> torch.Tensor:
+    def conditioned_blocks(self) -> list[nn.Module]:
+        """The blocks that read the conditioning, in the order `forward` runs them."""
+        return [b for pair in zip(self.res_blocks, self.attn_blocks) for b in pair]
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         if self.resample is not None and self.direction == "down":
             x = self.resample(x)
-        for res_block, attn_block in zip(self.res_blocks, self.attn_blocks):
-            x = run(res_block, x, c)
-            x = run(attn_block, x, text)
+        for block in self.conditioned_blocks():
+            x = step(block, x)
         if self.resample is not None and self.direction == "up":
             x = self.resample(x)
         return x
 
 
 # --- the transformer ---------------------------------------------------------------------------------------------
+
+
+class LayerConditioning(NamedTuple):
+    """A transformer layer's conditioning: its three adaptive-norm modulations and the cross-attention's keys and
+    values of the text."""
+
+    attn: Modulation
+    cross: Modulation
+    ff: Modulation
+    text: KeyValue
 
 
 class TransformerLayer(nn.Module):
@@ -226,10 +285,15 @@ class TransformerLayer(nn.Module):
         self.ff_norm = AdaptiveNorm(D, D, "layer", eps, affine, bias)
         self.ff = GEGLU(D, cfg.intermediate_size, bias, cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x, c))
-        x = x + self.cross_attn(self.cross_norm(x, c), text)
-        x = x + self.ff(self.ff_norm(x, c))
+    def prepare(self, c: torch.Tensor, text: torch.Tensor) -> LayerConditioning:
+        return LayerConditioning(
+            self.attn_norm.prepare(c), self.cross_norm.prepare(c), self.ff_norm.prepare(c), self.cross_attn.key_value(text)
+        )
+
+    def forward(self, x: torch.Tensor, cond: LayerConditioning) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x, cond.attn))
+        x = x + self.cross_attn(self.cross_norm(x, cond.cross), cond.text)
+        x = x + self.ff(self.ff_norm(x, cond.ff))
         return x
 
 
@@ -290,6 +354,24 @@ class Head(nn.Module):
 # --- the model ----------------------------------------------------------------------------------------------------
 
 
+class Conditioning(NamedTuple):
+    """Everything the U-ViT derives from the text and micro-conditions alone (`UViT.prepare`): one entry per
+    conditioned block, in the order the forward pass runs them (down stage, transformer layers, up stage).
+    Valid for the model and the batch rows it was prepared with; the model's weights must not change in between."""
+
+    blocks: tuple  # Modulation (ConvNeXt), (KeyValue, KeyValue) (text attention) or LayerConditioning (transformer)
+
+    @property
+    def batch_size(self) -> int:
+        first = self.blocks[0]  # a ConvNeXt block's Modulation, or a LayerConditioning when the stages are empty
+        return (first.attn if isinstance(first, LayerConditioning) else first).scale.shape[0]
+
+
+def _conditioned(block: nn.Module, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Run `block` on x with its conditioning prepared from (c, text) right here (the unprepared forward pass)."""
+    return block(x, block.prepare(c, text))
+
+
 class UViT(nn.Module):
     def __init__(self, config: UViTConfig):
         super().__init__()
@@ -326,10 +408,14 @@ class UViT(nn.Module):
         self.gradient_checkpointing = enabled
         return self
 
-    def _run(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    def _run(self, fn: Callable, *args) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def conditioned_blocks(self) -> list[nn.Module]:
+        """Every block that reads the conditioning, in the order the forward pass runs them."""
+        return self.down.conditioned_blocks() + list(self.layers) + self.up.conditioned_blocks()
 
     def check_inputs(self, input_ids, encoder_hidden_states, pooled_text_emb, micro_conds) -> None:
         cfg = self.config
@@ -366,16 +452,42 @@ class UViT(nn.Module):
 
     def forward_channels_last(self, input_ids, encoder_hidden_states, pooled_text_emb, micro_conds) -> torch.Tensor:
         """As `forward`, but logits stay (B, h, w, codebook_size): the layout the sampler and the loss read."""
-        run = self._run
+        c, text = self.embed_conditions(encoder_hidden_states, pooled_text_emb, micro_conds)
+        return self._trunk(input_ids, lambda block, x: self._run(_conditioned, block, x, c, text))
+
+    def embed_conditions(self, encoder_hidden_states, pooled_text_emb, micro_conds) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (conditioning vector c (B, D), projected text (B, L, D)), in the model's dtype."""
         text = self.text_norm(self.text_proj(encoder_hidden_states.to(self.dtype)))  # (B, L, D)
         c = self.cond_embed(pooled_text_emb, micro_conds).to(text.dtype)  # (B, D)
+        return c, text
 
+    def prepare(self, encoder_hidden_states, pooled_text_emb, micro_conds) -> Conditioning:
+        """The conditioning of every block for these text rows (shapes as in `forward`), to pass to
+        `forward_prepared` at every decoding step: the text projection, c, the adaptive-norm modulations and the
+        keys and values of all cross-attentions, computed once."""
+        c, text = self.embed_conditions(encoder_hidden_states, pooled_text_emb, micro_conds)
+        return Conditioning(tuple(block.prepare(c, text) for block in self.conditioned_blocks()))
+
+    def forward_prepared(self, input_ids: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """input_ids (B, h, w) with conditioning from `prepare` (B rows) -> logits (B, h, w, codebook_size); the
+        same as `forward_channels_last` on the inputs it was prepared from."""
+        blocks = self.conditioned_blocks()
+        if len(cond.blocks) != len(blocks) or cond.batch_size != input_ids.shape[0]:
+            raise ValueError(
+                f"conditioning for {len(cond.blocks)} blocks and {cond.batch_size} rows does not fit this model "
+                f"({len(blocks)} blocks) and input_ids of batch {input_ids.shape[0]}"
+            )
+        conds = iter(cond.blocks)  # _trunk runs the blocks in the order of conditioned_blocks()
+        return self._trunk(input_ids, lambda block, x: self._run(block, x, next(conds)))
+
+    def _trunk(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
+        """The network from token ids to logits; `step(block, x)` runs each conditioned block."""
         x = self.token_embed(input_ids)  # (B, h, w, C)
-        x = self.down(x, c, text, run)  # (B, h', w', C)
+        x = self.down(x, step)  # (B, h', w', C)
         B, H, W, C = x.shape
         x = self.to_hidden(self.to_hidden_norm(x.reshape(B, H * W, C)))  # (B, h'w', D)
         for layer in self.layers:
-            x = run(layer, x, c, text)
+            x = step(layer, x)
         x = self.from_hidden(self.from_hidden_norm(x)).view(B, H, W, C)  # (B, h', w', C)
-        x = self.up(x, c, text, run)  # (B, h, w, C)
+        x = self.up(x, step)  # (B, h, w, C)
         return self.head(x)  # (B, h, w, codebook_size)
