@@ -9,6 +9,8 @@ Reported per loader (median of --runs):
   touch     seconds to then read every weight once (our tensors are memory-mapped: the pages are read on first use,
             so `load + touch` is the fair end-to-end comparison)
   peak RSS  the process's maximum resident memory after load + touch (file-backed mapped pages included)
+  tokenizer seconds of one more `CLIPTokenizer.from_pretrained` of the folder's tokenizer: both loaders make this
+            call, so it is a floor under both load times (parsing tokenizer.json dominates it)
 
     python benchmarks/load_pipeline.py [--folder DIR] [--runs 3] [--variant fp16 --dtype float16]
 
@@ -65,9 +67,13 @@ def child(loader: str, folder: str, variant: str | None, dtype_name: str) -> dic
     with torch.no_grad():  # read every weight once
         total = sum(float(t.float().sum()) for m in modules for t in m.state_dict().values())
     t3 = time.perf_counter()
+    from transformers import CLIPTokenizer  # the call both loaders make for the tokenizer: a shared floor
+
+    CLIPTokenizer.from_pretrained(str(Path(folder) / "tokenizer"))
+    t4 = time.perf_counter()
     n = sum(p.numel() for m in modules for p in m.parameters())
     return {
-        "import_s": t1 - t0, "load_s": t2 - t1, "touch_s": t3 - t2,
+        "import_s": t1 - t0, "load_s": t2 - t1, "touch_s": t3 - t2, "tokenizer_s": t4 - t3,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
         "parameters": n, "checksum": total,
     }
@@ -141,21 +147,24 @@ def main() -> None:
         for i in range(args.runs):
             runs.append(run_child(loader, args))
             print(f"{loader} run {i + 1}: {runs[-1]}", file=sys.stderr)
-        results[loader] = {k: statistics.median(r[k] for r in runs) for k in ("import_s", "load_s", "touch_s", "peak_rss_gb")}
+        results[loader] = {k: statistics.median(r[k] for r in runs) for k in ("import_s", "load_s", "touch_s", "tokenizer_s", "peak_rss_gb")}
         results[loader]["parameters"] = warm["parameters"]
         results[loader]["checksum"] = warm["checksum"]
     if results["ours"]["parameters"] != results["diffusers"]["parameters"]:
         print("WARNING: the two loaders loaded different parameter counts", file=sys.stderr)
 
     print(f"\nfolder: {args.folder}  dtype: {args.dtype}  variant: {args.variant}  runs: {args.runs} (median)")
-    print(f"{'loader':<10}{'import s':>10}{'load s':>10}{'touch s':>10}{'load+touch s':>14}{'peak RSS GB':>13}{'params':>15}")
+    print(f"{'loader':<10}{'import s':>10}{'load s':>10}{'touch s':>10}{'load+touch s':>14}{'peak RSS GB':>13}"
+          f"{'params':>15}{'tokenizer s':>13}")
     for loader, r in results.items():
         print(f"{loader:<10}{r['import_s']:>10.2f}{r['load_s']:>10.2f}{r['touch_s']:>10.2f}"
-              f"{r['load_s'] + r['touch_s']:>14.2f}{r['peak_rss_gb']:>13.2f}{r['parameters']:>15,}")
+              f"{r['load_s'] + r['touch_s']:>14.2f}{r['peak_rss_gb']:>13.2f}{r['parameters']:>15,}{r['tokenizer_s']:>13.2f}")
     o, d = results["ours"], results["diffusers"]
     print(f"\nspeed-up, load call: {d['load_s'] / o['load_s']:.1f}x; load + touch: "
           f"{(d['load_s'] + d['touch_s']) / (o['load_s'] + o['touch_s']):.1f}x; "
           f"import + load + touch: {(d['import_s'] + d['load_s'] + d['touch_s']) / (o['import_s'] + o['load_s'] + o['touch_s']):.1f}x")
+    tok = (o["tokenizer_s"] + d["tokenizer_s"]) / 2
+    print(f"without the shared tokenizer load (~{tok:.2f} s): {(d['load_s'] - tok) / max(o['load_s'] - tok, 1e-6):.1f}x")
     print(f"peak RSS: ours {o['peak_rss_gb']:.2f} GB vs diffusers {d['peak_rss_gb']:.2f} GB")
     if tmp is not None:
         tmp.cleanup()

@@ -17,10 +17,6 @@ from .safe_load import CheckpointError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-def is_hub_id(path_or_id: str) -> bool:
-    return bool(_HUB_ID.match(str(path_or_id))) and not Path(path_or_id).exists()
-
-
 def pipeline_patterns(variant: str | None, sharded: bool = True) -> list[str]:
     """The files of a published aMUSEd pipeline repository that loading needs (one weight precision only).
     `sharded` adds the names of split weight files (the published repositories have none)."""
