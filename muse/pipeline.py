@@ -184,7 +184,7 @@ class Pipeline:
         self.sampling_defaults = dict(sampling_defaults or {})
         SamplingOptions.from_kwargs(self.sampling_defaults)  # unknown names or bad values fail here, not mid-call
         # The U-ViT call of the decoding loop, (ids, uvit.Conditioning) -> logits (B, h, w, K): None = the
-        # transformer's `forward_prepared`, or a replacement computing the same (the CUDA-graph replay).
+        # transformer's `forward_prepared`, or a replacement computing the same (the CUDA-graph replay, torch.compile).
         self._transformer_forward = None
 
     # --- construction and placement ---------------------------------------------------------------------------------
@@ -228,6 +228,12 @@ class Pipeline:
         from .acceleration import CUDAGraphForward
 
         self._transformer_forward = CUDAGraphForward(self.transformer) if enabled else None
+        return self
+
+    def compile_transformer(self, **compile_kwargs) -> "Pipeline":
+        """Run the decoding loop's U-ViT call through `torch.compile` (arguments as torch.compile's, e.g.
+        mode="max-autotune"); the first call of each shape compiles. Call again after moving or changing the model."""
+        self._transformer_forward = torch.compile(self.transformer.forward_prepared, **compile_kwargs)
         return self
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":

@@ -1,5 +1,5 @@
 """Pipeline features beyond the reference's calls: sampling defaults declared by a model folder, LoRA adapters
-loaded into a pipeline, and CUDA-graph replay of the U-ViT (GPU only)."""
+loaded into a pipeline, torch.compile of the U-ViT call, and CUDA-graph replay of it (GPU only)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,19 @@ def test_cuda_graph_replay_matches_eager(components):
 def test_cuda_graphs_refuse_a_cpu_model(components):
     with pytest.raises(ValueError, match="CUDA device"):
         make_pipe(components).enable_cuda_graphs()
+
+
+# --- torch.compile ------------------------------------------------------------------------------------------------
+
+
+def test_compiled_transformer_gives_the_eager_tokens(components):
+    """`compile_transformer` routes the decoding loop's U-ViT call through torch.compile: the same tokens. (Inductor
+    may fuse and reorder fp32 arithmetic, so logits can differ by ulps; at the tiny config no token flips, and the
+    tiny test is the one CI can afford: a full-size CPU compile takes minutes.)"""
+    eager = latents(make_pipe(components))
+    compiled_pipe = make_pipe(components).compile_transformer()
+    assert torch.equal(latents(compiled_pipe), eager)
+    assert compiled_pipe._transformer_forward is not None  # the compiled call is what ran
 
 
 def test_cli_uses_the_declared_defaults_unless_given(components, tmp_path):

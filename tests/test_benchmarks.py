@@ -1,0 +1,32 @@
+"""The speed benchmark runs end to end (tiny models, CPU) and its report says our tokens equal diffusers' tokens.
+The figures themselves live in benchmarks/results, measured at full size; here only the script is exercised."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_benchmark_reports_both_pipelines_with_equal_tokens(tmp_path):
+    speed = load_script("speed")
+    speed.main(["--tiny", "--device", "cpu", "--layouts", "256", "512", "--batches", "1", "--out", str(tmp_path)])
+    (md,) = tmp_path.glob("speed_*.md")
+    assert list(tmp_path.glob("speed_*.png")), "the plot was not written"
+    rows = [line for line in md.read_text().splitlines() if line.startswith(("| 256 |", "| 512 |"))]
+    eager = [r for r in rows if "| eager |" in r]
+    assert len(eager) == 2, rows
+    for row in eager:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[3]) > 0 and float(cells[4]) > 0  # diffusers and ours were both timed
+        assert cells[9] == "True", f"our tokens differ from diffusers' in {row}"
