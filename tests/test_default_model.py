@@ -64,7 +64,7 @@ def test_the_cli_generates_with_the_embedded_model(tmp_path):
     assert main(["generate", "a red circle on a blue background", "--seed", "0", "--out", str(out)]) == 0
     image = Image.open(out)
     assert image.size == (64, 64)
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
     assert judge_one(pixels).shape is not None  # a shape on a background, not a blank image (adherence: see below)
 
 
