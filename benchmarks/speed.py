@@ -320,7 +320,7 @@ def plot(rows: list[Row], machine: str, dtype, path: Path) -> None:
     ax.bar([x + 0.2 for x in xs], [r.seconds["ours"] for r in rows], 0.4, label="ours")
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("seconds per call (end to end)")
-    ax.set_title(f"{machine}, {str(dtype).split('.')[-1]}", fontsize=9)
+    ax.set_title(f"{machine}, {str(dtype).split('.')[-1]}", fontsize=7)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
