@@ -41,3 +41,13 @@ def published_dirs(reference_pipelines, tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (use with `pytestmark = pytest.mark.usefixtures("one_thread")`): one thread beats
+    two there, by far on a busy 2-core machine, since OpenMP hand-offs cost more than the work they split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

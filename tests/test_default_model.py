@@ -19,6 +19,8 @@ from muse.shapes_judge import CHANCE, evaluate_adherence, judge_one
 from train.train_default import SIZE_BUDGET_BYTES, Recipe, build, folder_bytes, init_uvit_, round_to, vq_report
 from uvit import UViT
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 shipped = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "muse.json").is_file(), reason="no embedded model in this checkout")
 
 ADHERENCE_GOAL = 0.90  # the issue's goal; the shipped model measures 0.87 (see docs/default_model.md)
@@ -29,15 +31,6 @@ PSNR_GOAL_DB = 30.0
 @pytest.fixture(scope="module")
 def pipe():
     return Pipeline.from_pretrained()  # no path: the embedded default
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are small: one thread beats two (no OpenMP hand-offs), by far on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @shipped

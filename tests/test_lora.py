@@ -26,18 +26,12 @@ from train.lora import (
 from tests.helpers import reference_text_encoder, reference_uvit, uvit_config
 from uvit import UViT, UViTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 REFERENCE_TARGETS = ["to_q", "to_k", "to_v"]  # the reference script's --lora_target_modules default
 # fp32 on CPU: LoRA adds a rank-r product to each projection; different summation order (merged vs not, ours vs
 # peft's) moves logits of magnitude ~5 by a few ulps, far below 1e-4.
 ATOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on a shared CI box)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_inputs(cfg: UViTConfig, batch: int = 2, seed: int = 0):

@@ -16,6 +16,8 @@ from PIL import Image
 from train import checkpoint
 from train.cli import config_from_args, parser
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 REPO = Path(__file__).resolve().parents[1]
 
 # every option of the reference train_amused.py (amused.md section 8)
@@ -50,16 +52,6 @@ def test_recipe_flags_parse_into_the_config():
     assert cfg.lora_target_modules == ["to_q", "to_k", "to_v"] and cfg.validation_prompts == ["a", "b"]
     with pytest.raises(ValueError, match="text_encoder_use_lora"):
         config_from_args(["--pretrained_model_name_or_path", "x", "--text_encoder_use_lora"])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on a shared CI box)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(module: str, args: list[str], **env) -> subprocess.CompletedProcess:

@@ -24,16 +24,10 @@ from train.loop import batch_conditioning, train
 from uvit import UViT, UViTConfig
 from vqgan import VQGAN, VQGANConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cube", "a blue ball", "green grass", "yellow sun"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on a shared CI box)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

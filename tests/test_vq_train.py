@@ -23,14 +23,7 @@ from train.vq import (
 from vqgan import VQGAN, VQGANConfig
 from vqgan.model import VectorQuantizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two (no OpenMP hand-offs), by 10x on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def tiny_vq(seed: int = 0) -> VQGAN:
