@@ -9,7 +9,10 @@ For each image (3, H, W) in [0, 1]:
      alpha > 0.5 (stray specks in generated images are ignored);
   4. its extents, continuously: the width is the sum over columns of the column's largest coverage (the fraction of
      that column the shape spans), the height likewise over rows;
-  5. shape class from how much of that width x height box the shape fills: square 1, circle pi/4, triangle 1/2;
+  5. shape class from how much of that width x height box the shape fills (square 1, circle pi/4, triangle 1/2) and
+     from where its mass sits: an upward triangle's centroid lies h/6 below the box's centre, a circle's or a
+     square's on it. The second test survives rounded corners (a small triangle through the VQ-GAN fills 0.6-0.7 of
+     its box, which fill alone calls a circle);
   6. size from the larger extent, position from the box's centre on the 3x3 grid.
 
 `judge(images)` returns one `Verdict` per image; `score(expected, verdict)` marks each stated attribute right or
@@ -32,6 +35,8 @@ FOREGROUND_DISTANCE = 0.17
 # bounding-box fill ratio boundaries: triangle (1/2) | circle (pi/4 = 0.785) | square (1)
 FILL_TRIANGLE_CIRCLE = 0.5 * (0.5 + math.pi / 4)
 FILL_CIRCLE_SQUARE = 0.5 * (math.pi / 4 + 1.0)
+# centroid below the box's centre, in box heights: triangle 1/6 | circle and square 0
+DROP_TRIANGLE = 1 / 12
 MIN_SHAPE_PIXELS = 6  # fewer pixels than this in the largest region: no shape
 
 
@@ -45,6 +50,7 @@ class Verdict:
     size: str | None
     position: str | None
     fill: float  # area / bounding-box area (0 when no shape)
+    drop: float  # (centroid row - box centre row) / box height: 1/6 for an upward triangle, 0 for a circle or square
     bbox: tuple[int, int, int, int] | None  # (x0, y0, x1, y1) of the pixels with coverage > 1/2, inclusive
 
     def as_dict(self) -> dict:
@@ -76,8 +82,8 @@ def _largest_region(mask: torch.Tensor) -> torch.Tensor:
     return (labels.view(H, W).long() == int(counts.argmax())) & mask
 
 
-def _classify_shape(fill: float) -> str:
-    if fill < FILL_TRIANGLE_CIRCLE:
+def _classify_shape(fill: float, drop: float) -> str:
+    if fill < FILL_TRIANGLE_CIRCLE or drop > DROP_TRIANGLE:
         return "triangle"
     return "circle" if fill < FILL_CIRCLE_SQUARE else "square"
 
@@ -104,7 +110,7 @@ def judge_one(image: torch.Tensor) -> Verdict:
     dist = (img - bg.view(3, 1, 1)).pow(2).sum(0).sqrt()  # (H, W)
     candidates = dist > FOREGROUND_DISTANCE
     background = _nearest_colour(bg)
-    none = Verdict(background, None, None, None, None, 0.0, None)
+    none = Verdict(background, None, None, None, None, 0.0, 0.0, None)
     if int(candidates.sum()) < MIN_SHAPE_PIXELS:
         return none
     fg = img[:, candidates].median(dim=1).values  # (3,)
@@ -123,15 +129,18 @@ def judge_one(image: torch.Tensor) -> Verdict:
     fill = float(cover.sum()) / max(w * h, 1e-6)
     cx = float((col * (torch.arange(W) + 0.5)).sum()) / max(w, 1e-6)
     cy = float((row * (torch.arange(H) + 0.5)).sum()) / max(h, 1e-6)
+    centroid_y = float((cover.sum(dim=1) * (torch.arange(H) + 0.5)).sum()) / max(float(cover.sum()), 1e-6)
+    drop = (centroid_y - cy) / max(h, 1e-6)
     ys, xs = region.nonzero(as_tuple=True)
     x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
     return Verdict(
         background=background,
         colour=_nearest_colour(fg),
-        shape=_classify_shape(fill),
+        shape=_classify_shape(fill, drop),
         size=_classify_size(max(w, h) / 2 * IMAGE_SIZE / max(H, W)),
         position=_classify_position(cx, cy, W, H),
         fill=fill,
+        drop=drop,
         bbox=(x0, y0, x1, y1),
     )
 

@@ -1,7 +1,7 @@
 """The embedded default model (muse/assets/default/) and the recipe that trains it (train.train_default).
 
 The shipped model is loaded once per module. Numbers checked here are the issue's goals: held-out prompt adherence
->= 90% of stated attributes at default sampling settings (the goal; the shipped model reaches 87%, and this test
+>= 90% of stated attributes at default sampling settings (the goal; the shipped model reaches 88%, and this test
 holds it to a floor of 80%), VQ-GAN reconstruction PSNR >= 30 dB on held-out images,
 a model folder of at most 20 MB; plus the reduced training run, in which both losses must fall."""
 
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from muse import DEFAULT_MODEL_DIR, Pipeline
-from muse.shapes_judge import CHANCE, evaluate_adherence, judge_one
+from muse.shapes_judge import CHANCE, evaluate_adherence, judge, judge_one, score, summarise
 from train.train_default import SIZE_BUDGET_BYTES, Recipe, build, folder_bytes, init_uvit_, round_to, vq_report
 from uvit import UViT
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 shipped = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "muse.json").is_file(), reason="no embedded model in this checkout")
 
-ADHERENCE_GOAL = 0.90  # the issue's goal; the shipped model measures 0.87 (see docs/default_model.md)
+ADHERENCE_GOAL = 0.90  # the issue's goal; the shipped model measures 0.88 (see docs/default_model.md)
 ADHERENCE_FLOOR = 0.80  # what this test holds the shipped model to: a regression guard, chance is about 0.3
 PSNR_GOAL_DB = 30.0
 
@@ -71,6 +71,23 @@ def test_shipped_vqgan_psnr_on_heldout_images(pipe):
 
 
 @shipped
+def test_the_judge_reads_what_the_shipped_vqgan_reconstructs(pipe):
+    """Generated images reach the judge through the VQ-GAN, which rounds small shapes' corners: on its reconstructions
+    of rendered held-out scenes the judge must still read nearly every attribute, so that adherence measures the
+    U-ViT, not the judge. Measured: 96.9% of shapes right (with the fill ratio alone, which reads small triangles as
+    circles: about 92%); the misses are small triangles the VQ-GAN blurs nearly round (fill 0.74-0.78)."""
+    from train.shapes import render, sample_scenes
+
+    scenes = sample_scenes(256, seed=21, split="heldout", mention_prob=1.0)
+    pixels = render(scenes)
+    recon = pipe.vqvae.decode(pipe.vqvae.encode(pixels.to(pipe.vqvae.dtype))).clamp(0, 1).float()
+    report = summarise([score(scenes.attributes(i), v) for i, v in enumerate(judge(recon))])
+    print("judge on the shipped VQ-GAN's reconstructions:", report.format())
+    assert report.per_attribute["shape"] >= 0.95, report.format()
+    assert report.accuracy >= 0.98, report.format()
+
+
+@shipped
 def test_heldout_prompt_adherence_at_default_settings(pipe):
     ev = evaluate_adherence(pipe, per_triple=2, progress=False)
     print(ev.report.format())
@@ -79,7 +96,7 @@ def test_heldout_prompt_adherence_at_default_settings(pipe):
     # and far above chance on each attribute that is always stated
     for attr in ("background", "colour"):
         assert ev.report.per_attribute[attr] > 2 * CHANCE[attr]
-    # shape is the weak attribute (0.62 measured: small squares come out with rounded corners), still well above chance
+    # shape is the weak attribute (0.67 measured: squares come out as wobbly blobs), still well above chance
     assert ev.report.per_attribute["shape"] > 1.5 * CHANCE["shape"]
 
 
