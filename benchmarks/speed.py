@@ -20,7 +20,8 @@ time reaches (FLOPs / time / GEMM rate).
     python benchmarks/speed.py --device cuda --dtype float16 --compile               # GPU, 256 and 512, batch 1 and 8
     python benchmarks/speed.py --tiny                                                 # a 1-minute smoke test
 
-Writes <out>/speed_<machine>.md (the table) and .png (end-to-end times); README shows them.
+Writes <out>/speed_<machine>.md (the table) and the end-to-end times as a plot, .png and .svg (the text form, which
+the repository keeps and README shows).
 """
 
 from __future__ import annotations
@@ -304,10 +305,11 @@ def write_report(rows: list[Row], flops: dict, rate: float, device, dtype, args,
     md.write_text("\n".join(lines) + "\n")
     plot(rows, machine_name(device), dtype, png)
     print("\n".join(lines))
-    print(f"\nwrote {md} and {png}")
+    print(f"\nwrote {md}, {png} and {png.with_suffix('.svg')}")
 
 
 def plot(rows: list[Row], machine: str, dtype, path: Path) -> None:
+    """Bars of end-to-end seconds per row, written to `path` (PNG) and beside it as SVG (no date: reruns diff clean)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,6 +326,9 @@ def plot(rows: list[Row], machine: str, dtype, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    with matplotlib.rc_context({"svg.hashsalt": "muse", "svg.fonttype": "none"}):
+        fig.savefig(path.with_suffix(".svg"), metadata={"Date": None})
+    plt.close(fig)
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,8 @@ def test_speed_benchmark_reports_both_pipelines_with_equal_tokens(tmp_path):
     speed = load_script("speed")
     speed.main(["--tiny", "--device", "cpu", "--layouts", "256", "512", "--batches", "1", "--out", str(tmp_path)])
     (md,) = tmp_path.glob("speed_*.md")
-    assert list(tmp_path.glob("speed_*.png")), "the plot was not written"
+    (png,) = tmp_path.glob("speed_*.png")
+    assert png.with_suffix(".svg").read_text().lstrip().startswith("<?xml"), "the SVG plot was not written"
     rows = [line for line in md.read_text().splitlines() if line.startswith(("| 256 |", "| 512 |"))]
     eager = [r for r in rows if "| eager |" in r]
     assert len(eager) == 2, rows
