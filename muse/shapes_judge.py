@@ -227,22 +227,26 @@ class Evaluation:
         ]
 
 
-def heldout_prompts(per_triple: int = 2, seed: int = EVAL_SEED):
+def heldout_prompts(per_triple: int = 2, seed: int = EVAL_SEED, split: str = "heldout"):
     """The evaluation set: each held-out (colour, background, shape) triple `per_triple` times, with size and position
-    stated at random (each with probability 1/2). Returns (scenes, prompts)."""
-    from train.shapes import HELDOUT, captions, sample_scenes
+    stated at random (each with probability 1/2). Returns (scenes, prompts). split="train" draws the training
+    triples instead (a diagnosis: errors there are the model's drawing, not composition)."""
+    from train.shapes import SPLITS, captions, sample_scenes
 
-    scenes = sample_scenes(per_triple * len(HELDOUT), seed, split="heldout", balanced=True)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    scenes = sample_scenes(per_triple * len(SPLITS[split]), seed, split=split, balanced=True)
     return scenes, captions(scenes)
 
 
 @torch.no_grad()
-def evaluate_adherence(pipe, per_triple: int = 2, seed: int = EVAL_SEED, batch_size: int = 32, progress: bool = True, **options) -> Evaluation:
+def evaluate_adherence(pipe, per_triple: int = 2, seed: int = EVAL_SEED, batch_size: int = 32, progress: bool = True,
+                       split: str = "heldout", **options) -> Evaluation:
     """Generate one image per held-out prompt with `pipe` (image i from its own generator seeded seed + i; other
     sampling options at the pipeline's defaults unless given), judge each, and score the stated attributes."""
     from tqdm.auto import tqdm
 
-    scenes, prompts = heldout_prompts(per_triple, seed)
+    scenes, prompts = heldout_prompts(per_triple, seed, split)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="shapes-eval", disable=not progress):
         chunk = prompts[start : start + batch_size]
@@ -270,6 +274,12 @@ def add_parser(subparsers):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the pipeline's)")
+    p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
+                   help="re-masking temperature: start [end] (default: the pipeline's)")
+    p.add_argument("--sampling-temperature", type=float, default=None, help="divides the logits before each draw (default 1)")
+    p.add_argument("--masking-schedule", default=None, help="cosine, linear, arccos, power:<p> (default: the pipeline's)")
+    p.add_argument("--split", default="heldout", choices=["heldout", "train"],
+                   help="heldout: the goal's prompts; train: the training combinations (is an error composition or drawing?)")
     p.add_argument("--json", default=None, help="write the per-image verdicts here")
     p.add_argument("--grid", default=None, help="write the generated images as one PNG grid here")
     p.set_defaults(func=run_shapes_eval)
@@ -287,7 +297,15 @@ def run_shapes_eval(args) -> int:
         options["guidance_scale"] = args.guidance_scale
     if args.steps is not None:
         options["num_inference_steps"] = args.steps
-    ev = evaluate_adherence(pipe, args.per_triple, args.seed, args.batch_size, **options)
+    if args.temperature is not None:
+        if len(args.temperature) > 2:
+            raise SystemExit("--temperature takes a start value and optionally an end value")
+        options["temperature"] = tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0]
+    if args.sampling_temperature is not None:
+        options["sampling_temperature"] = args.sampling_temperature
+    if args.masking_schedule is not None:
+        options["masking_schedule"] = args.masking_schedule
+    ev = evaluate_adherence(pipe, args.per_triple, args.seed, args.batch_size, split=args.split, **options)
     print(ev.report.format())
     if args.json:
         with open(args.json, "w") as f:

@@ -100,6 +100,42 @@ def test_heldout_prompt_adherence_at_default_settings(pipe):
     assert ev.report.per_attribute["shape"] > 1.5 * CHANCE["shape"]
 
 
+@shipped
+def test_the_shapes_eval_command_passes_its_sampling_options(tmp_path, pipe, monkeypatch):
+    """`python -m muse shapes-eval` with non-default sampling options: they reach the pipeline, and the report and
+    the per-image JSON come out (the held-out set at one prompt per triple: 21 images)."""
+    from muse.cli import main
+
+    seen = []
+    real_call = Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("temperature", "sampling_temperature", "masking_schedule", "num_inference_steps")})
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", spy)
+    verdicts = tmp_path / "verdicts.json"
+    argv = ["shapes-eval", "--per-triple", "1", "--steps", "4", "--temperature", "0.5", "0", "--sampling-temperature",
+            "0.7", "--masking-schedule", "linear", "--json", str(verdicts)]
+    assert main(argv) == 0
+    assert seen and all(o == {"temperature": (0.5, 0.0), "sampling_temperature": 0.7, "masking_schedule": "linear",
+                              "num_inference_steps": 4} for o in seen)
+    report = json.loads(verdicts.read_text())
+    assert report["report"]["num_images"] == 21 and len(report["images"]) == 21
+
+
+def test_the_evaluation_prompts_of_each_split():
+    from muse.shapes_judge import heldout_prompts
+    from train.shapes import HELDOUT, TRAIN_TRIPLES
+
+    for split, triples in (("heldout", HELDOUT), ("train", TRAIN_TRIPLES)):
+        scenes, prompts = heldout_prompts(per_triple=1, seed=3, split=split)
+        found = {(scenes.attributes(i)["colour"], scenes.attributes(i)["background"], scenes.attributes(i)["shape"]) for i in range(len(scenes))}
+        assert found == {(c, b, s) for c, b, s in triples} and len(prompts) == len(triples)
+    with pytest.raises(ValueError, match="unknown split"):
+        heldout_prompts(split="validation")
+
+
 # --- the recipe ------------------------------------------------------------------------------------------------------
 
 
