@@ -227,10 +227,10 @@ class Evaluation:
         ]
 
 
-def heldout_prompts(per_triple: int = 2, seed: int = EVAL_SEED, split: str = "heldout"):
-    """The evaluation set: each held-out (colour, background, shape) triple `per_triple` times, with size and position
-    stated at random (each with probability 1/2). Returns (scenes, prompts). split="train" draws the training
-    triples instead (a diagnosis: errors there are the model's drawing, not composition)."""
+def evaluation_prompts(per_triple: int = 2, seed: int = EVAL_SEED, split: str = "heldout"):
+    """The evaluation set: each (colour, background, shape) triple of the split `per_triple` times, with size and
+    position stated at random (each with probability 1/2). Returns (scenes, prompts). The goal's split is "heldout";
+    "train" (the training triples) is a diagnosis: errors there are the model's drawing, not composition."""
     from train.shapes import SPLITS, captions, sample_scenes
 
     if split not in SPLITS:
@@ -242,11 +242,12 @@ def heldout_prompts(per_triple: int = 2, seed: int = EVAL_SEED, split: str = "he
 @torch.no_grad()
 def evaluate_adherence(pipe, per_triple: int = 2, seed: int = EVAL_SEED, batch_size: int = 32, progress: bool = True,
                        split: str = "heldout", **options) -> Evaluation:
-    """Generate one image per held-out prompt with `pipe` (image i from its own generator seeded seed + i; other
-    sampling options at the pipeline's defaults unless given), judge each, and score the stated attributes."""
+    """Generate one image per evaluation prompt of `split` with `pipe` (image i from its own generator seeded
+    seed + i; other sampling options at the pipeline's defaults unless given), judge each, and score the stated
+    attributes."""
     from tqdm.auto import tqdm
 
-    scenes, prompts = heldout_prompts(per_triple, seed, split)
+    scenes, prompts = evaluation_prompts(per_triple, seed, split)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="shapes-eval", disable=not progress):
         chunk = prompts[start : start + batch_size]

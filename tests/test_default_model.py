@@ -125,15 +125,15 @@ def test_the_shapes_eval_command_passes_its_sampling_options(tmp_path, pipe, mon
 
 
 def test_the_evaluation_prompts_of_each_split():
-    from muse.shapes_judge import heldout_prompts
+    from muse.shapes_judge import evaluation_prompts
     from train.shapes import HELDOUT, TRAIN_TRIPLES
 
     for split, triples in (("heldout", HELDOUT), ("train", TRAIN_TRIPLES)):
-        scenes, prompts = heldout_prompts(per_triple=1, seed=3, split=split)
+        scenes, prompts = evaluation_prompts(per_triple=1, seed=3, split=split)
         found = {(scenes.attributes(i)["colour"], scenes.attributes(i)["background"], scenes.attributes(i)["shape"]) for i in range(len(scenes))}
         assert found == {(c, b, s) for c, b, s in triples} and len(prompts) == len(triples)
     with pytest.raises(ValueError, match="unknown split"):
-        heldout_prompts(split="validation")
+        evaluation_prompts(split="validation")
 
 
 # --- the recipe ------------------------------------------------------------------------------------------------------
