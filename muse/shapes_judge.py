@@ -125,11 +125,12 @@ def judge_one(image: torch.Tensor) -> Verdict:
     cover = alpha * near  # (H, W)
     # continuous extents: a column's (row's) largest coverage is the fraction of it the shape spans
     col, row = cover.amax(dim=0), cover.amax(dim=1)  # (W,), (H,)
-    w, h = float(col.sum()), float(row.sum())
-    fill = float(cover.sum()) / max(w * h, 1e-6)
-    cx = float((col * (torch.arange(W) + 0.5)).sum()) / max(w, 1e-6)
-    cy = float((row * (torch.arange(H) + 0.5)).sum()) / max(h, 1e-6)
-    centroid_y = float((cover.sum(dim=1) * (torch.arange(H) + 0.5)).sum()) / max(float(cover.sum()), 1e-6)
+    w, h, area = float(col.sum()), float(row.sum()), float(cover.sum())
+    xs_c, ys_c = torch.arange(W) + 0.5, torch.arange(H) + 0.5  # pixel centres
+    fill = area / max(w * h, 1e-6)
+    cx = float((col * xs_c).sum()) / max(w, 1e-6)
+    cy = float((row * ys_c).sum()) / max(h, 1e-6)  # the box's centre row
+    centroid_y = float((cover.sum(dim=1) * ys_c).sum()) / max(area, 1e-6)
     drop = (centroid_y - cy) / max(h, 1e-6)
     ys, xs = region.nonzero(as_tuple=True)
     x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
@@ -263,6 +264,8 @@ def evaluate_adherence(pipe, per_triple: int = 2, seed: int = EVAL_SEED, batch_s
 
 def add_parser(subparsers):
     """`python -m muse shapes-eval`: prompt adherence of a model of the shapes domain (default: the embedded one)."""
+    from muse.cli import _temperature as temperature_arg  # the generation commands' "T or start,end"
+
     p = subparsers.add_parser(
         "shapes-eval",
         help="prompt adherence on held-out shapes combinations, judged from pixels",
@@ -275,8 +278,8 @@ def add_parser(subparsers):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the pipeline's)")
-    p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
-                   help="re-masking temperature: start [end] (default: the pipeline's)")
+    p.add_argument("--temperature", type=temperature_arg, default=None,
+                   help="re-masking temperature T or 'start,end' (default: the pipeline's)")
     p.add_argument("--sampling-temperature", type=float, default=None, help="divides the logits before each draw (default 1)")
     p.add_argument("--masking-schedule", default=None, help="cosine, linear, arccos, power:<p> (default: the pipeline's)")
     p.add_argument("--split", default="heldout", choices=["heldout", "train"],
@@ -293,19 +296,9 @@ def run_shapes_eval(args) -> int:
     from muse import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model)
-    options = {}
-    if args.guidance_scale is not None:
-        options["guidance_scale"] = args.guidance_scale
-    if args.steps is not None:
-        options["num_inference_steps"] = args.steps
-    if args.temperature is not None:
-        if len(args.temperature) > 2:
-            raise SystemExit("--temperature takes a start value and optionally an end value")
-        options["temperature"] = tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0]
-    if args.sampling_temperature is not None:
-        options["sampling_temperature"] = args.sampling_temperature
-    if args.masking_schedule is not None:
-        options["masking_schedule"] = args.masking_schedule
+    given = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, temperature=args.temperature,
+                 sampling_temperature=args.sampling_temperature, masking_schedule=args.masking_schedule)
+    options = {k: v for k, v in given.items() if v is not None}  # unset: the pipeline's (model's) default
     ev = evaluate_adherence(pipe, args.per_triple, args.seed, args.batch_size, split=args.split, **options)
     print(ev.report.format())
     if args.json:

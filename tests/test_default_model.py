@@ -115,7 +115,7 @@ def test_the_shapes_eval_command_passes_its_sampling_options(tmp_path, pipe, mon
 
     monkeypatch.setattr(Pipeline, "__call__", spy)
     verdicts = tmp_path / "verdicts.json"
-    argv = ["shapes-eval", "--per-triple", "1", "--steps", "4", "--temperature", "0.5", "0", "--sampling-temperature",
+    argv = ["shapes-eval", "--per-triple", "1", "--steps", "4", "--temperature", "0.5,0", "--sampling-temperature",
             "0.7", "--masking-schedule", "linear", "--json", str(verdicts)]
     assert main(argv) == 0
     assert seen and all(o == {"temperature": (0.5, 0.0), "sampling_temperature": 0.7, "masking_schedule": "linear",
