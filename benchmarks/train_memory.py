@@ -91,14 +91,13 @@ def make_random_model(model: str, folder: Path) -> Path:
 def child(args) -> None:
     import numpy as np
     import torch
-    from PIL import Image
 
     # the code every training run imports, before the floor is read: it is process overhead, not model memory
     import transformers.models.clip.modeling_clip  # noqa: F401  (the CLIP model's module and its dependencies)
+    from PIL import Image
 
     import convert  # noqa: F401
     import muse  # noqa: F401
-
     from train.config import TrainConfig
     from train.loop import train
     from train.tracking import current_rss_mb

@@ -1,4 +1,4 @@
-"""python -m convert SRC DST [--to ours|diffusers] [--variant fp16] [--dtype float32|float16|bfloat16]
+"""`muse convert SRC DST` (or `python -m convert SRC DST`): [--to ours|diffusers] [--variant fp16] [--dtype float32|float16|bfloat16]
 
 SRC: a published diffusers pipeline folder, a hub id (amused/amused-256), an open-muse checkpoint folder, or one of
 ours. DST is written only when the whole conversion succeeded: everything goes to a temporary folder beside it,
@@ -15,13 +15,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from .hub import resolve_pipeline_dir
+from .loading import detect_format, export_diffusers, load_components, save_components
+from .mapping import ConversionError
+
 DTYPES = ("float32", "float16", "bfloat16")
 VARIANT_DEFAULT_DTYPE = {"fp16": "float16", "bf16": "bfloat16"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, prog: str = "python -m convert") -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m convert",
+        prog=prog,
         description="Convert aMUSEd checkpoints: published diffusers folders or hub ids, open-muse checkpoints and "
         "our own format, into our format or back into a diffusers pipeline folder.",
     )
@@ -39,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "python -m convert") -> int:
+    args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     dst = Path(args.dst).expanduser().absolute()
     if dst.exists() and not args.overwrite:
@@ -54,13 +61,6 @@ def main(argv=None) -> int:
 
 
 def convert(args: argparse.Namespace, dst: Path) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from .hub import resolve_pipeline_dir
-    from .loading import detect_format, export_diffusers, load_components, save_components
-    from .mapping import ConversionError
-
     dtype_name = args.dtype or VARIANT_DEFAULT_DTYPE.get(args.variant, "float32")
     dtype = getattr(torch, dtype_name)
     steps = ["transformer", "vqvae", "text_encoder", "tokenizer", "scheduler", "write"]

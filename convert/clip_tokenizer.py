@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import tempfile
 from functools import lru_cache
 from pathlib import Path
+
+from transformers import CLIPTokenizer
 
 NUM_MERGES = 49152 - 256 - 2  # 48,894
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -33,7 +36,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @lru_cache(maxsize=1)
 def _merges() -> tuple[str, ...]:
-    import open_clip
+    import open_clip  # optional here and heavy (it imports torchvision): only for the offline tokenizer
 
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     if not path.exists():
@@ -71,10 +74,6 @@ def write_clip_tokenizer_files(directory: str | Path) -> Path:
 
 def offline_clip_tokenizer():
     """A transformers CLIPTokenizer built from the bundled merges, padding with the end-of-text token."""
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer_files(tmp)
         return CLIPTokenizer.from_pretrained(tmp)

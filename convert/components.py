@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from uvit import UViT
+from uvit import UViT, UViTConfig
 from vqgan import VQGAN
+
+from .safe_load import CheckpointError
 
 MASKING_SCHEDULES = ("cosine", "linear")
 
@@ -41,3 +43,16 @@ class Components:
 
 def default_scheduler_config(mask_token_id: int) -> dict:
     return {"mask_token_id": int(mask_token_id), "masking_schedule": "cosine"}
+
+
+def check_scheduler_config(config: dict, uvit_config: UViTConfig, path) -> dict:
+    """The scheduler config, checked against the transformer (raises CheckpointError naming `path`)."""
+    if config["masking_schedule"] not in MASKING_SCHEDULES:
+        raise CheckpointError(f"{path}: masking_schedule {config['masking_schedule']!r} is not one of {MASKING_SCHEDULES}")
+    mask = config["mask_token_id"]
+    if not (uvit_config.codebook_size <= mask < uvit_config.vocab_size):
+        raise CheckpointError(
+            f"{path}: mask_token_id {mask} is not a non-code token of the transformer "
+            f"(codes are 0..{uvit_config.codebook_size - 1}, vocab_size {uvit_config.vocab_size})"
+        )
+    return config

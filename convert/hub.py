@@ -11,6 +11,9 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
 from .safe_load import CheckpointError
 
 # owner/name, as the hub spells repository ids
@@ -33,12 +36,7 @@ def _offline() -> bool:
     value = os.environ.get("HF_HUB_OFFLINE", "")
     if value.upper() in {"1", "ON", "YES", "TRUE"}:
         return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _cache_dir() -> str | None:
@@ -71,11 +69,6 @@ def resolve_pipeline_dir(path_or_id: str | os.PathLike, variant: str | None = No
     repo_id = str(path_or_id)
     if not _HUB_ID.match(repo_id):
         raise CheckpointError(f"{repo_id}: no such folder, and not a hub id of the form owner/name")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError(f"{repo_id}: not a local folder, and huggingface_hub is not installed to fetch it") from None
     offline = _offline()
     try:
         folder = snapshot_download(

@@ -19,19 +19,22 @@ import contextlib
 import gc
 import logging
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
 from uvit import UViTConfig
 from vqgan import VQGANConfig
 
-from .components import MASKING_SCHEDULES, Components, default_scheduler_config
+from .components import Components, check_scheduler_config, default_scheduler_config
+from .export import export_pipeline
 from .hub import resolve_pipeline_dir
 from .mapping import ConversionError
 from .meta_init import skip_meta_init
 from .networks import uvit_from_diffusers, vqgan_from_diffusers
+from .open_muse import is_open_muse_folder, load_open_muse
+from .ours import load_ours, save_ours
 from .safe_load import CheckpointError, read_json, read_sharded_safetensors, read_weights
 from .text_encoder import load_text_encoder, load_tokenizer
 
@@ -147,18 +150,6 @@ def scheduler_config_from(path: Path, uvit_config: UViTConfig) -> dict:
     return check_scheduler_config(config, uvit_config, path)
 
 
-def check_scheduler_config(config: dict, uvit_config: UViTConfig, path) -> dict:
-    if config["masking_schedule"] not in MASKING_SCHEDULES:
-        raise CheckpointError(f"{path}: masking_schedule {config['masking_schedule']!r} is not one of {MASKING_SCHEDULES}")
-    mask = config["mask_token_id"]
-    if not (uvit_config.codebook_size <= mask < uvit_config.vocab_size):
-        raise CheckpointError(
-            f"{path}: mask_token_id {mask} is not a non-code token of the transformer "
-            f"(codes are 0..{uvit_config.codebook_size - 1}, vocab_size {uvit_config.vocab_size})"
-        )
-    return config
-
-
 # --- the door ------------------------------------------------------------------------------------------------------
 
 
@@ -168,8 +159,6 @@ def detect_format(folder: Path) -> str:
         return "ours"
     if (folder / DIFFUSERS_MARKER).is_file():
         return "diffusers"
-    from .open_muse import is_open_muse_folder
-
     if is_open_muse_folder(folder):
         return "open-muse"
     found = sorted(p.name for p in folder.iterdir())[:12] if folder.is_dir() else []
@@ -208,8 +197,8 @@ def load_components(
 @contextlib.contextmanager
 def _gc_paused():
     """Loading creates some 10^5 short-lived Python objects (modules, parameters, safetensors views) and no reference
-    cycles worth collecting; left on, the cyclic collector runs full passes over them midway (about 0.3 s of a 1 s
-    load of amused-256). Paused here, collected as usual after."""
+    cycles worth collecting; left on, the cyclic collector runs full passes over them midway, a sizeable share of
+    the load time. Paused here, collected as usual after."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -223,25 +212,17 @@ def _load_folder(folder: Path, kind: str, dtype: torch.dtype, variant: str | Non
     if kind == "diffusers":
         return load_published(folder, dtype, variant, progress)
     if kind == "ours":
-        from .ours import load_ours
-
         if variant:
             log.warning("%s: our format has no weight variants; ignoring variant=%r", folder, variant)
         return load_ours(folder, dtype, progress)
-    from .open_muse import load_open_muse
-
     return load_open_muse(folder, dtype, variant, progress)
 
 
 def save_components(components: Components, directory: str | os.PathLike) -> list[Path]:
     """Write `components` in our format (see `convert.ours`); returns the files written."""
-    from .ours import save_ours
-
     return save_ours(components, directory)
 
 
 def export_diffusers(components: Components, directory: str | os.PathLike, variant: str | None = None) -> list[Path]:
     """Write `components` as a diffusers AmusedPipeline folder (see `convert.export`); returns the files written."""
-    from .export import export_pipeline
-
     return export_pipeline(components, directory, variant)

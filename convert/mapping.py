@@ -10,8 +10,8 @@ the loaded tensors assigned, so a full-size model loads without a slow random in
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 from torch import nn

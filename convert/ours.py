@@ -22,8 +22,7 @@ from safetensors.torch import save_file
 from uvit import UViT, UViTConfig
 from vqgan import VQGAN, VQGANConfig
 
-from .components import Components
-from .loading import check_scheduler_config
+from .components import Components, check_scheduler_config
 from .mapping import KeyMap, to_ours
 from .meta_init import empty_modules
 from .safe_load import CheckpointError, read_json, read_safetensors, write_json

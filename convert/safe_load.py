@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .mapping import ConversionError
 
@@ -102,8 +103,6 @@ def safetensors_header(path: str | Path) -> dict:
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, memory-mapped (no copy until a tensor is cast or moved)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     safetensors_header(path)
     try:

@@ -12,11 +12,12 @@ bundled with open_clip (`convert.clip_tokenizer`). aMUSEd pads with the end-of-t
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .clip_tokenizer import EOS, MODEL_MAX_LENGTH, offline_clip_tokenizer
 from .meta_init import empty_modules
@@ -31,8 +32,6 @@ def text_encoder_from_state_dict(
     config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, what: str = "text encoder"
 ) -> nn.Module:
     """A transformers `CLIPTextModelWithProjection` from its config dict and state dict, built on the meta device."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     config = {k: v for k, v in dict(config).items() if k not in ("dtype", "torch_dtype")}
     archs = config.get("architectures") or [TEXT_ENCODER_CLASS]
     if TEXT_ENCODER_CLASS not in archs:
@@ -124,8 +123,6 @@ def has_tokenizer_files(folder: Path) -> bool:
 def load_tokenizer(folder: str | Path | None):
     """A transformers `CLIPTokenizer` that pads with <|endoftext|> to 77. `folder` may hold either file form; when
     it is None or holds neither, the tokenizer is rebuilt offline from open_clip's bundled merges."""
-    from transformers import CLIPTokenizer
-
     folder = Path(folder) if folder is not None else None
     if folder is None or not has_tokenizer_files(folder):
         where = f"{folder} has no tokenizer files" if folder is not None else "no tokenizer folder"

@@ -1,14 +1,18 @@
-"""The command line: `python -m muse COMMAND ...`.
+"""The command line: `muse COMMAND ...` (the console script; `python -m muse` is the same).
 
-    python -m muse generate "a photo of a cat" --seed 0 --num-images 4 --out cats/
-    python -m muse img2img "a watercolour" --image photo.png --strength 0.6 --out edit.png
-    python -m muse inpaint "a red ball" --image photo.png --mask mask.png --out filled.png
+    muse generate "a red circle on a blue background" --out red.png        the embedded model, offline
+    muse generate "a photo of a cat" --model amused/amused-256 --seed 0 --num-images 4 --out cats/
+    muse img2img "a watercolour" --image photo.png --strength 0.6 --out edit.png
+    muse inpaint "a red ball" --image photo.png --mask mask.png --out filled.png
+    muse evaluate ...        CLIP score, FID and seconds per image over a grid of settings (muse.evaluation)
+    muse shapes-eval ...     prompt adherence of a shapes-domain model, judged from pixels (muse.shapes)
+    muse convert SRC DST     checkpoints between formats (the same as `python -m convert`)
+    muse train ...           fine-tuning with the reference script's flags (the same as `python -m train`)
+    muse train-default ...   retrain the embedded model from nothing (the recipe train.default_model)
 
-Subcommands come from a small registry: `register(add_parser)` adds one, where `add_parser(subparsers)` adds a parser
-to an argparse subparsers object and sets `func` (called with the parsed arguments; returns an exit code or None)
-with `set_defaults`. Modules named in `COMMAND_MODULES` are imported when the parser is built and registered
-through their own `add_parser` function (a missing module is skipped; one that fails to import is skipped with a
-warning, so the other commands still work).
+Subcommands are argparse parsers added by `add_parser(subparsers)` functions (`register` adds one more). The last
+three hand their arguments to their own package's parser unchanged; this dispatcher imports those packages only
+when one of them runs, so generation never loads the training code.
 
 Seeds: image i of a run is drawn with its own generator seeded `seed + i`, so any image can be made again alone
 (`--seed S+i --num-images 1`). Without --seed a random seed is drawn and printed.
@@ -17,54 +21,101 @@ Seeds: image i of a run is drawn with its own generator seeded `seed + i`, so an
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+import torch
+
+from . import arguments
+from .evaluation import command as evaluation_command
+from .images import MASK_MODES, load_image, make_grid
+from .pipeline import Pipeline
+from .shapes import evaluate as shapes_evaluate
 
 log = logging.getLogger("muse")
 
 AddParser = Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
 
-# modules exposing `add_parser(subparsers)`, registered when present
-COMMAND_MODULES = ["muse.evaluation.command", "muse.shapes_judge"]
+PROG = "muse"
+
+
+# --- the commands of other packages, run with their own parsers -------------------------------------------------------
+
+
+def run_convert(argv: list[str]) -> int:
+    from convert.__main__ import main  # the dispatcher's upward reach: only when `muse convert` runs
+
+    return main(argv, prog=f"{PROG} convert")
+
+
+def run_train(argv: list[str]) -> int:
+    from train.cli import main  # the dispatcher's upward reach: only when `muse train` runs
+
+    return main(argv, prog=f"{PROG} train")
+
+
+def run_train_default(argv: list[str]) -> int:
+    from train.default_model import main  # the dispatcher's upward reach: only when `muse train-default` runs
+
+    return main(argv, prog=f"{PROG} train-default")
+
+
+# name -> (runner, help): their arguments go to the package's own parser untouched
+PASSTHROUGH: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "convert": (run_convert, "convert checkpoints: published folders or hub ids, open-muse, ours, back to diffusers"),
+    "train": (run_train, "fine-tune the U-ViT (full, 8-bit Adam, LoRA) with the reference script's flags"),
+    "train-default": (run_train_default, "retrain the embedded shapes model from nothing (the recipe)"),
+}
+
+
+def _add_passthrough(subparsers, name: str, help: str) -> None:
+    """A stub so that `muse --help` lists the command; `main` hands its arguments on before argparse sees them."""
+    subparsers.add_parser(name, help=help, add_help=False)
+
+
+# --- the parser ---------------------------------------------------------------------------------------------------------
 
 _REGISTRY: list[AddParser] = []
 
-DTYPES = ("float32", "float16", "bfloat16")
-
 
 def register(add_parser: AddParser) -> AddParser:
-    """Register a subcommand (usable as a decorator)."""
+    """Register a subcommand (usable as a decorator): `add_parser(subparsers)` adds a parser and sets `func` (called
+    with the parsed arguments; returns an exit code or None) with `set_defaults`."""
     if add_parser not in _REGISTRY:
         _REGISTRY.append(add_parser)
     return add_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m muse", description="aMUSEd image generation in pure PyTorch.")
+    parser = argparse.ArgumentParser(prog=PROG, description="aMUSEd in pure PyTorch: generation, evaluation, "
+                                     "conversion and training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_parser in _REGISTRY:
         add_parser(subparsers)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name is not None and name.startswith(e.name):
-                continue  # the module (or its package) is not there: no such subcommand in this installation
-            log.warning("the subcommands of %s are unavailable: %s", name, e)
-            continue
-        except Exception as e:  # a broken extra command must not take generation down with it
-            log.warning("the subcommands of %s are unavailable: %s: %s", name, type(e).__name__, e)
-            continue
-        module.add_parser(subparsers)
+    for name, (_, help) in PASSTHROUGH.items():
+        _add_passthrough(subparsers, name, help)
     return parser
 
 
+def _passthrough_command(argv: list[str]) -> int | None:
+    """Index of a hand-on command in argv (after the global options), or None."""
+    for i, arg in enumerate(argv):
+        if arg in ("-v", "--verbose"):
+            continue
+        return i if arg in PASSTHROUGH else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = _passthrough_command(argv)
+    if at is not None:
+        runner, _ = PASSTHROUGH[argv[at]]
+        return runner(argv[at + 1 :]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -78,16 +129,6 @@ def main(argv: list[str] | None = None) -> int:
 # --- the generation commands -----------------------------------------------------------------------------------------
 
 
-def _temperature(text: str) -> float | tuple[float, float]:
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"a temperature is T or 'start,end' (for example 2,0), got {text!r}")
-    return values[0] if len(values) == 1 else (values[0], values[1])
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded default model)")
@@ -96,13 +137,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the model's, else 12)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance, on when > 1 (default: the model's, else 10)")
-    p.add_argument("--temperature", type=_temperature, default=None,
+    p.add_argument("--temperature", type=arguments.temperature, default=None,
                    help="re-masking temperature T or 'start,end' (default: the model's, else 2,0)")
     p.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: a random seed, printed)")
     p.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
     p.add_argument("--out", type=Path, default=None, help="a .png file, or a folder (default: muse-<command>.png)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default float32)")
+    p.add_argument("--dtype", choices=arguments.DTYPES, default=None, help="weights' dtype (default float32)")
     p.add_argument("--variant", default=None, help="weight file variant of a diffusers folder, e.g. fp16")
 
 
@@ -140,10 +181,6 @@ def add_inpaint(subparsers) -> argparse.ArgumentParser:
 
 def _load(args):
     """Check the output arguments (before the slow part), then load the pipeline."""
-    import torch
-
-    from .pipeline import Pipeline
-
     _output_paths(_out(args), args.num_images)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     log.info("loading %s", args.model or "the embedded default model")
@@ -151,8 +188,6 @@ def _load(args):
 
 
 def _options(args, pipe) -> dict:
-    import torch
-
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     log.info("seed %d", seed)
     given = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, temperature=args.temperature)
@@ -172,8 +207,6 @@ def run_generate(args) -> int:
 
 
 def run_img2img(args) -> int:
-    from .images import load_image
-
     image = load_image(args.image)
     pipe = _load(args)
     images = pipe.img2img(args.prompt, image, strength=args.strength, **_options(args, pipe))
@@ -182,8 +215,6 @@ def run_img2img(args) -> int:
 
 
 def run_inpaint(args) -> int:
-    from .images import MASK_MODES, load_image
-
     image = load_image(args.image)
     mask = load_image(args.mask, mode=None)
     if mask.mode not in MASK_MODES:
@@ -215,8 +246,6 @@ def _output_paths(out: Path, n: int) -> tuple[list[Path], Path | None]:
 def save_images(images, out: Path) -> list[Path]:
     """Write PNGs. `out` ending in .png: one image is written there; several are written as <stem>-<i>.png beside
     it and their grid goes to `out`. Any other `out` is a folder: image-<i>.png, plus grid.png for several."""
-    from .images import make_grid
-
     paths, grid = _output_paths(out, len(images))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths):
@@ -230,3 +259,7 @@ def save_images(images, out: Path) -> list[Path]:
 def _report(paths: list[Path]) -> None:
     for path in paths:
         print(path)
+
+
+register(evaluation_command.add_parser)
+register(shapes_evaluate.add_parser)

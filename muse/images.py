@@ -7,8 +7,9 @@ image processor: PIL -> uint8 array / 255 as fp32; out, round(x * 255) to uint8.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 import PIL.Image
@@ -23,16 +24,34 @@ MASK_MODES = ("L", "1", "RGB")  # PIL modes a mask may have (RGB is converted to
 # --- out -----------------------------------------------------------------------------------------------------------
 
 
+class ImageList(list):
+    """The PIL images of a call: a plain list, which also answers `.images` (itself) so that code written for
+    diffusers' pipeline output (`pipe(prompt).images[0]`) runs unchanged."""
+
+    @property
+    def images(self) -> "ImageList":
+        return self
+
+
+class ImageArray(np.ndarray):
+    """The float array (B, H, W, 3) of a call with output_type="np", which also answers `.images` (itself), as
+    diffusers' pipeline output does."""
+
+    @property
+    def images(self) -> "ImageArray":
+        return self
+
+
 def to_numpy(pixels: torch.Tensor) -> np.ndarray:
     """pixels (B, 3, H, W) in [0, 1] -> float32 array (B, H, W, 3)."""
     return pixels.detach().cpu().permute(0, 2, 3, 1).float().numpy()
 
 
-def to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+def to_pil(images: np.ndarray) -> ImageList:
     """float array (B, H, W, 3) in [0, 1] -> RGB PIL images, round(x * 255)."""
     if images.ndim == 3:
         images = images[None]
-    return [PIL.Image.fromarray(im) for im in (images * 255).round().astype("uint8")]
+    return ImageList(PIL.Image.fromarray(im) for im in (np.asarray(images) * 255).round().astype("uint8"))
 
 
 def make_grid(images: Sequence[PIL.Image.Image], cols: int | None = None) -> PIL.Image.Image:

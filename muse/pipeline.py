@@ -20,34 +20,25 @@ follow those pipelines. Where the reference is defective we differ, and say so:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import sampling
+from convert import load_components
+from convert.lora import load_lora_into
 from sampling import Generators, MaskingSchedule, ScheduleLike
 
-from .images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
+from .acceleration import CUDAGraphForward
+from .images import ImageArray, ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
+from .shapes.embedded import model_dir as default_model_dir
 from .text import TextConditioning, encode_text
 
-# Where the embedded default model lives (our checkpoint format); `python -m muse generate` uses it without --model.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
-
 OUTPUT_TYPES = ("pil", "np", "latent")
-
-
-def default_model_dir() -> Path:
-    """The embedded default model's folder, or a clear error when this installation has none."""
-    if not DEFAULT_MODEL_DIR.is_dir() or not any(DEFAULT_MODEL_DIR.iterdir()):
-        raise FileNotFoundError(
-            f"no embedded default model found at {DEFAULT_MODEL_DIR}; pass --model PATH_OR_ID on the command line "
-            "(or a path or hub id to Pipeline.from_pretrained)"
-        )
-    return DEFAULT_MODEL_DIR
 MASK_COUNT_BASES = ("sequence", "masked")
 
 
@@ -195,11 +186,15 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         variant: str | None = None,
+        torch_dtype: torch.dtype | None = None,
     ) -> "Pipeline":
         """Load a published folder / hub id (diffusers layout), one of ours or an open-muse checkpoint folder, through
-        `convert.load_components`; None loads the embedded default model."""
-        from convert import load_components
-
+        `convert.load_components`; None loads the embedded default model. `torch_dtype` is diffusers' name for
+        `dtype` (either may be given, not both)."""
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+            dtype = torch_dtype
         path_or_id = default_model_dir() if path_or_id is None else path_or_id
         c = load_components(str(path_or_id), dtype=dtype, device=device, variant=variant)
         cfg = c.scheduler_config or {}
@@ -216,17 +211,20 @@ class Pipeline:
     def load_lora(self, path: str | Path, merge: bool = False) -> "Pipeline":
         """Load a LoRA adapter into the transformer: ours (`lora.safetensors`), the diffusers/peft file
         (`pytorch_lora_weights.safetensors`) or a peft folder; `merge=True` folds it into the weights."""
-        from train.lora import load_lora_into
-
         load_lora_into(self.transformer, path, merge=merge)
         self._transformer_forward = None  # captured CUDA graphs would replay the old weights
         return self
 
+    def load_lora_weights(self, path_or_dict, weight_name: str | None = None, adapter_name: str | None = None, **_):
+        """diffusers' name for `load_lora`: a folder (with `weight_name` inside it, if given), a file, or a dict of
+        tensors in either format. One adapter at a time: `adapter_name` is accepted and ignored."""
+        if weight_name is not None and not isinstance(path_or_dict, dict):
+            path_or_dict = Path(path_or_dict) / weight_name
+        return self.load_lora(path_or_dict)
+
     def enable_cuda_graphs(self, enabled: bool = True) -> "Pipeline":
         """Replay the U-ViT's forward from CUDA graphs (one capture per batch/grid shape): same logits, far fewer
         kernel launches. Needs the transformer on a CUDA device; call again after moving or changing it."""
-        from .acceleration import CUDAGraphForward
-
         self._transformer_forward = CUDAGraphForward(self.transformer) if enabled else None
         return self
 
@@ -236,8 +234,10 @@ class Pipeline:
         self._transformer_forward = torch.compile(self.transformer.forward_prepared, **compile_kwargs)
         return self
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
-        """Move (and cast) the three networks."""
+    def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
+        """Move (and cast) the three networks. As in diffusers, `pipe.to(torch.float16)` casts only."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         for m in (self.transformer, self.vqvae, self.text_encoder):
             m.to(device=device, dtype=dtype)
         self._transformer_forward = None  # captured CUDA graphs are stale now
@@ -432,7 +432,7 @@ class Pipeline:
     def _format(pixels: torch.Tensor, output_type: str):
         """pixels (B, 3, H, W) in [0, 1] -> float array (B, H, W, 3) ("np") or PIL images ("pil")."""
         images = to_numpy(pixels)
-        return images if output_type == "np" else to_pil(images)
+        return images.view(ImageArray) if output_type == "np" else to_pil(images)
 
     def _decode(self, start: _Start, cond: TextConditioning, size: tuple[int, int], opts: SamplingOptions) -> torch.Tensor:
         """The decoding loop: tokens (B, h, w) -> fully decoded tokens (B, h, w)."""

@@ -12,8 +12,9 @@ floor to 127 and not 128. Everything here keeps that dtype, device and order of 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Union
 
 import torch
 

@@ -14,7 +14,8 @@ as a batch of one with that generator.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 

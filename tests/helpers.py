@@ -86,9 +86,10 @@ def reference_text_encoder(kind: str, seed: int = 2):
 
 def reference_pipeline(kind: str, seed: int = 0):
     """A diffusers AmusedPipeline of random weights with the given layout ('tiny-256', 'full-512', ...)."""
+    import tempfile
+
     from diffusers import AmusedPipeline, AmusedScheduler
     from transformers import CLIPTokenizer
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer_files(tmp)

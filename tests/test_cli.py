@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 
-import muse.pipeline
+import muse.shapes.embedded
 from muse import Pipeline, cli
 
 STEPS = "3"
@@ -92,7 +92,7 @@ def test_inpaint_with_paste(model_dir, pipe, tmp_path):
 
 
 def test_without_model_and_without_embedded_default_the_error_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(muse.pipeline, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.setattr(muse.shapes.embedded, "MODEL_DIR", tmp_path / "absent")
     assert cli.main(["generate", "a cat"]) == 2
     err = capsys.readouterr().err
     assert "no embedded default model found at" in err and str(tmp_path / "absent") in err and "--model" in err
@@ -130,16 +130,6 @@ def test_subcommands_can_be_registered_from_other_modules(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_REGISTRY", list(cli._REGISTRY))
     cli.register(add_parser)
     assert cli.main(["hello", "--name", "muse"]) == 0 and calls == ["muse"]
-
-
-def test_a_broken_command_module_does_not_break_the_others(monkeypatch, tmp_path, caplog):
-    (tmp_path / "broken_cmd.py").write_text("raise RuntimeError('boom')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["muse.not_there", "broken_cmd"])
-    parser = cli.build_parser()
-    assert parser.parse_args(["generate", "x"]).command == "generate"
-    assert "broken_cmd" in caplog.text and "boom" in caplog.text
-    assert "not_there" not in caplog.text
 
 
 def test_python_dash_m_muse_runs_with_a_progress_bar(model_dir, tmp_path):

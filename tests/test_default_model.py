@@ -1,4 +1,4 @@
-"""The embedded default model (muse/assets/default/) and the recipe that trains it (train.train_default).
+"""The embedded default model (muse/assets/default/) and the recipe that trains it (train.default_model).
 
 The shipped model is loaded once per module. Numbers checked here are the issue's goals: held-out prompt adherence
 >= 90% of stated attributes at default sampling settings (the goal; the shipped model reaches 88%, and this test
@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 from muse import DEFAULT_MODEL_DIR, Pipeline
-from muse.shapes_judge import CHANCE, evaluate_adherence, judge, judge_one, score, summarise
-from train.train_default import SIZE_BUDGET_BYTES, Recipe, build, folder_bytes, init_uvit_, round_to, vq_report
+from muse.shapes import judge, judge_one, score, summarise
+from muse.shapes.evaluate import evaluate_adherence
+from muse.shapes.judge import CHANCE
+from train.default_model import SIZE_BUDGET_BYTES, Recipe, build, folder_bytes, init_uvit_, round_to, vq_report
 from uvit import UViT
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -76,7 +78,7 @@ def test_the_judge_reads_what_the_shipped_vqgan_reconstructs(pipe):
     of rendered held-out scenes the judge must still read nearly every attribute, so that adherence measures the
     U-ViT, not the judge. Measured: 96.9% of shapes right (with the fill ratio alone, which reads small triangles as
     circles: about 92%); the misses are small triangles the VQ-GAN blurs nearly round (fill 0.74-0.78)."""
-    from train.shapes import render, sample_scenes
+    from muse.shapes import render, sample_scenes
 
     scenes = sample_scenes(256, seed=21, split="heldout", mention_prob=1.0)
     pixels = render(scenes)
@@ -125,8 +127,8 @@ def test_the_shapes_eval_command_passes_its_sampling_options(tmp_path, pipe, mon
 
 
 def test_the_evaluation_prompts_of_each_split():
-    from muse.shapes_judge import evaluation_prompts
-    from train.shapes import HELDOUT, TRAIN_TRIPLES
+    from muse.shapes import HELDOUT, TRAIN_TRIPLES
+    from muse.shapes.evaluate import evaluation_prompts
 
     for split, triples in (("heldout", HELDOUT), ("train", TRAIN_TRIPLES)):
         scenes, prompts = evaluation_prompts(per_triple=1, seed=3, split=split)
@@ -149,7 +151,7 @@ def test_reduced_training_run_both_losses_fall_and_the_result_loads(tmp_path):
 
 
 def test_uvit_init_zeroes_the_modulations_and_is_seeded():
-    from train.train_default import shapes_uvit_config
+    from train.default_model import shapes_uvit_config
 
     cfg = shapes_uvit_config(hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2)
     a, b = init_uvit_(UViT(cfg), seed=1), init_uvit_(UViT(cfg), seed=1)

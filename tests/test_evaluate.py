@@ -17,6 +17,7 @@ import PIL.Image
 import pytest
 import torch
 
+from muse.cli import main as muse_main
 from muse.evaluation import (
     ClipScorer,
     InceptionFID,
@@ -31,7 +32,6 @@ from muse.evaluation import (
     load_prompts,
     run_sweep,
 )
-from muse.cli import main as muse_main
 
 CLIP_MODEL = "ViT-S-32"  # the smallest plain CLIP config open_clip ships (63M parameters, text width = embed dim)
 
@@ -416,12 +416,12 @@ def test_command_end_to_end_on_a_tiny_model_resumes(tmp_path, published_dirs, cl
 
 def test_command_end_to_end_on_the_embedded_default_model(tmp_path, clip_weights, inception_weights):
     """The shipped default model (64x64 synthetic shapes) on a handful of captions of its domain; FID against shapes
-    rendered by train.shapes."""
-    from muse.pipeline import DEFAULT_MODEL_DIR
+    rendered by muse.shapes."""
+    from muse import DEFAULT_MODEL_DIR
 
     if not DEFAULT_MODEL_DIR.is_dir() or not any(DEFAULT_MODEL_DIR.iterdir()):
         pytest.skip(f"the embedded default model is not in {DEFAULT_MODEL_DIR} yet")
-    from train import shapes
+    from muse import shapes
 
     prompts = shapes.captions(shapes.sample_scenes(3, seed=0))
     pixels = shapes.render(shapes.sample_scenes(4, seed=1))  # (4, 3, 64, 64) in [0, 1]

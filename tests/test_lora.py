@@ -11,20 +11,20 @@ from safetensors import safe_open
 from torch import nn
 
 from convert import uvit_from_diffusers
-from train.lora import (
+from convert.lora import (
     CLIP_ALIASES,
     PEFT_WEIGHT_NAME,
-    LoRALinear,
     find_targets,
+    get_adapters,
     inject_lora,
     load_lora_into,
-    lora_layers,
-    merge_lora,
+    module_namer,
     save_lora,
-    unmerge_lora,
+    to_peft_state_dict,
 )
 from tests.helpers import reference_text_encoder, reference_uvit, uvit_config
 from uvit import UViT, UViTConfig
+from uvit.lora import LoRALinear, lora_layers, merge_lora, unmerge_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -119,8 +119,6 @@ def test_default_targets_are_the_reference_attention_projections():
     from_reference_names = find_targets(ours, REFERENCE_TARGETS)
     assert from_reference_names == find_targets(ours, ["q", "k", "v"])
     assert len(from_reference_names) == (22 * 2 + 6 * 2) * 3
-    from train.lora import module_namer
-
     namer = module_namer(ours)
     peft_targets = {n for n, m in theirs.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in REFERENCE_TARGETS}
     assert {namer(n) for n in from_reference_names} == peft_targets
@@ -242,8 +240,6 @@ def test_text_encoder_lora_uses_clip_projection_names():
     names = inject_lora(te, REFERENCE_TARGETS, rank=2, alpha=4, aliases=CLIP_ALIASES)
     layers = te.config.num_hidden_layers
     assert len(names) == 3 * layers and all(n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj") for n in names)
-    from train.lora import get_adapters, to_peft_state_dict
-
     ours, _ = to_peft_state_dict(get_adapters(te), lambda n: n, prefix=None)
     theirs_model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]), reference_text_encoder("tiny-256"))
     assert sorted(ours) == sorted(get_peft_model_state_dict(theirs_model))

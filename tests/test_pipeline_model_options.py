@@ -10,7 +10,6 @@ import torch
 
 import convert
 from muse import Pipeline
-from tests.helpers import randomize_
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 
@@ -65,7 +64,7 @@ def test_declared_defaults_round_trip_through_our_format(components, tmp_path):
 
 
 def _trained_adapter(c, tmp_path, fmt):
-    from train.lora import inject_lora, save_lora
+    from convert.lora import inject_lora, save_lora
 
     model = copy.deepcopy(c.transformer)
     inject_lora(model, ["q", "k", "v"], rank=4, alpha=8)

@@ -1,4 +1,4 @@
-"""The synthetic shapes dataset (train.shapes) and its judge (muse.shapes_judge)."""
+"""The synthetic shapes domain (muse.shapes): its dataset and its judge."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from muse.shapes_judge import CHANCE, DROP_TRIANGLE, FILL_TRIANGLE_CIRCLE, judge, judge_one, score, summarise
-from train import shapes
-from train.shapes import (
+from muse import shapes
+from muse.shapes import (
     ALL_TRIPLES,
     COLOURS,
     HELDOUT,
@@ -18,10 +17,14 @@ from train.shapes import (
     ShapesDataset,
     caption,
     captions,
+    judge,
+    judge_one,
     render,
     sample_scenes,
+    score,
+    summarise,
 )
-
+from muse.shapes.judge import CHANCE, DROP_TRIANGLE, FILL_TRIANGLE_CIRCLE
 
 # --- dataset -----------------------------------------------------------------------------------------------------
 

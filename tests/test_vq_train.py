@@ -1,4 +1,4 @@
-"""VQ-GAN training pieces (train.vq) and the reduced recipe of the embedded default model (train.train_default)."""
+"""VQ-GAN training pieces (train.vq) and the reduced recipe of the embedded default model (train.default_model)."""
 
 from __future__ import annotations
 
@@ -185,8 +185,9 @@ def test_psnr():
 
 
 def _batches(seed=0):
-    from train.shapes import render, sample_scenes
     import torch.nn.functional as F
+
+    from muse.shapes import render, sample_scenes
 
     k = 0
     while True:

@@ -4,19 +4,27 @@
     python -m train.generate_images ...    images from a base model plus a trained transformer or LoRA adapter
 
 Modules, one idea each: config (the run's settings), data (sources, preprocessing, sampler, pre-encoding), masking
-(masks and the loss), lora (LoRALinear, injection, adapter files in our and the peft format), optim (parameter
+(masks and the loss), optim (parameter
 groups, AdamW / AdamW8bit, lr schedules), ema, checkpoint (atomic save, resume), distributed (torchrun/DDP),
-tracking (console and wandb), loop (the training loop itself).
+tracking (console and wandb), loop (the training loop itself), vq (VQ-GAN training), default_model (the recipe of
+the embedded model). The LoRA layers live in `uvit.lora` and their files in `convert.lora` (the pipeline loads
+adapters too); their names are re-exported here.
 """
 
+from convert.lora import inject_lora, load_lora_into, save_lora
+from uvit.lora import LoRALinear, merge_lora, unmerge_lora
+
 from .config import TrainConfig
-from .lora import LoRALinear, inject_lora, load_lora_into, merge_lora, save_lora, unmerge_lora
+from .loop import TrainResult, train
 
-__all__ = ["LoRALinear", "TrainConfig", "inject_lora", "load_lora_into", "merge_lora", "save_lora", "train", "unmerge_lora"]
-
-
-def train(cfg, components=None):
-    """Run a training (see train.loop.train); imported lazily so `import train` stays light."""
-    from .loop import train as _train
-
-    return _train(cfg, components)
+__all__ = [
+    "LoRALinear",
+    "TrainConfig",
+    "TrainResult",
+    "inject_lora",
+    "load_lora_into",
+    "merge_lora",
+    "save_lora",
+    "train",
+    "unmerge_lora",
+]

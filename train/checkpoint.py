@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -134,10 +136,6 @@ def load_torch(path: Path):
 
 def rng_state() -> dict:
     """This process's RNG states (python, numpy, torch CPU and CUDA) in a form weights_only loading accepts."""
-    import random
-
-    import numpy as np
-
     py = random.getstate()
     np_state = np.random.get_state()
     state = {
@@ -151,10 +149,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]

@@ -1,8 +1,9 @@
-"""`python -m train` (or `torchrun --nproc_per_node N -m train`): the reference script's flags, unchanged, plus ours.
+"""`muse train` (or `python -m train`, `torchrun --nproc_per_node N -m train`): the reference script's flags,
+unchanged, plus ours.
 
 The published recipes (aMUSEd README) run with only the launcher changed, e.g. the 256 LoRA recipe:
 
-    python -m train --pretrained_model_name_or_path amused/amused-256 \\
+    muse train --pretrained_model_name_or_path amused/amused-256 \\
         --instance_data_dataset m1guelpf/nouns --image_key image --prompt_key text --resolution 256 \\
         --train_batch_size 1 --gradient_accumulation_steps 16 --learning_rate 8e-4 --use_lora \\
         --mixed_precision fp16 --lr_scheduler constant --max_train_steps 10000 --checkpointing_steps 500 \\
@@ -16,12 +17,14 @@ import argparse
 import dataclasses
 import sys
 
+from . import distributed
 from .config import TrainConfig
+from .loop import train
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m train", description="Fine-tune the aMUSEd U-ViT (full, 8-bit Adam or LoRA).")
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune the aMUSEd U-ViT (full, 8-bit Adam or LoRA).")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="published folder, hub id or one of our folders")
     g.add_argument("--revision", default=None)
@@ -93,17 +96,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    args = parser().parse_args(argv)
+def config_from_args(argv: list[str] | None = None, prog: str = "python -m train") -> TrainConfig:
+    args = parser(prog).parse_args(argv)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def main(argv: list[str] | None = None) -> int:
-    from . import distributed
-    from .loop import train
-
-    cfg = config_from_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
+    cfg = config_from_args(argv, prog)
     try:
         train(cfg)
     finally:

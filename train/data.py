@@ -25,13 +25,16 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +185,7 @@ class HFDatasetSource(Source):
     instead of raising inside `datasets`."""
 
     def __init__(self, name_or_path: str, image_key: str, prompt_key: str, prompt_prefix: str | None = None, split: str = "train"):
-        import datasets
+        import datasets  # heavy (pyarrow, pandas): only for --instance_data_dataset
 
         self.label = name_or_path
         ds = self._load(name_or_path, split)
@@ -195,7 +198,7 @@ class HFDatasetSource(Source):
 
     @staticmethod
     def _load(name_or_path: str, split: str):
-        import datasets
+        import datasets  # heavy (pyarrow, pandas): only for --instance_data_dataset
 
         path = Path(name_or_path)
         if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -321,8 +324,6 @@ PRE_ENCODED_FILE = "pre_encoded.safetensors"
 
 def pre_encoded_matches(directory: str | Path, fingerprint: str) -> bool:
     """True when `directory` holds pre-encoded data made from the same model, data and resolution."""
-    from safetensors import safe_open
-
     file = Path(directory) / PRE_ENCODED_FILE
     if not file.is_file():
         return False
@@ -336,8 +337,6 @@ class PreEncodedDataset(Dataset):
     Items: {ids (h, w) long, encoder_hidden_states (L, D), prompt_embeds (Dc,), micro_conds (5,), skipped: []}."""
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
-
         self.file = Path(directory) / PRE_ENCODED_FILE
         if not self.file.is_file():
             raise FileNotFoundError(f"no pre-encoded data at {self.file}")
@@ -350,7 +349,6 @@ class PreEncodedDataset(Dataset):
 
     def _f(self):
         if self._handle is None:  # opened lazily, once per worker process
-            from safetensors import safe_open
 
             self._handle = safe_open(str(self.file), framework="pt")
         return self._handle
@@ -386,9 +384,6 @@ def pre_encode(
 ) -> Path:
     """Encode every readable example once (one crop each, from the dataset's seed) and write them to `directory`.
     Unreadable images are left out and listed in the file's metadata. Written atomically (temp file + rename)."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ids, hidden, pooled, micro, skipped = [], [], [], [], []

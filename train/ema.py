@@ -10,8 +10,8 @@ validation or saving and restores the trained ones afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import Iterable
 
 import torch
 from torch import nn

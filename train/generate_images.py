@@ -13,6 +13,11 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from convert import uvit_from_diffusers
+from convert.lora import load_lora_into
+from muse import Pipeline
 
 log = logging.getLogger("train.generate_images")
 
@@ -49,10 +54,6 @@ def parser() -> argparse.ArgumentParser:
 
 def load_transformer_into(transformer, path: str | Path) -> None:
     """Replace the U-ViT's weights by a trained one saved by `python -m train` (diffusers layout)."""
-    from safetensors.torch import load_file
-
-    from convert import uvit_from_diffusers
-
     folder = Path(path)
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"
@@ -65,10 +66,6 @@ def load_transformer_into(transformer, path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from muse import Pipeline
-
-    from .lora import load_lora_into
-
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,11 +26,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from convert import load_components, uvit_to_diffusers
+from convert.lora import CLIP_ALIASES, load_lora_into, save_lora
+from muse import Pipeline
+from muse.text import encode_text
+from uvit.lora import inject_lora
+
 from . import checkpoint, distributed
 from .config import TrainConfig
-from .data import GlobalBatchSampler, ImageDataset, PreEncodedDataset, build_source, collate, fingerprint, pre_encode, pre_encoded_matches
+from .data import (
+    GlobalBatchSampler,
+    ImageDataset,
+    PreEncodedDataset,
+    build_source,
+    collate,
+    fingerprint,
+    pre_encode,
+    pre_encoded_matches,
+)
 from .ema import EMA
-from .lora import CLIP_ALIASES, inject_lora, load_lora_into, save_lora
 from .masking import MaskingConfig, apply_masks, draw_masks, masked_cross_entropy
 from .optim import build_optimizer, build_scheduler, decay_groups, uvit_rename
 from .tracking import MemoryMonitor, Tracker, memory_stats, setup_logging
@@ -70,8 +84,6 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
 
     # --- models: the frozen encoders first (with pre-encoding they serve only that), then the U-ViT ---------------------
     if components is None:
-        from convert import load_components
-
         log.info("loading %s", cfg.pretrained_model_name_or_path)
         components = load_components(cfg.pretrained_model_name_or_path, variant=cfg.variant, revision=cfg.revision)
     text_encoder = prepare_text_encoder(cfg, components.text_encoder, device)
@@ -81,8 +93,6 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
 
     def encode_prompts(prompts: list[str]):
         """prompts -> (encoder_hidden_states (B, 77, D), prompt_embeds (B, Dc)), with grad when the encoder trains."""
-        from muse.text import encode_text
-
         # encode_text runs under no_grad (inference); a trained encoder needs its undecorated body
         fn = getattr(encode_text, "__wrapped__", encode_text) if cfg.train_text_encoder else encode_text
         cond = fn(tokenizer, text_encoder, prompts)
@@ -327,8 +337,6 @@ def batch_conditioning(batch: dict, encode_prompts, empty, dropped: torch.Tensor
 @torch.no_grad()
 def validate(cfg, components, transformer, vqvae, text_encoder, tokenizer, ema, step, out, tracker, seed) -> None:
     """Images for the validation prompts (EMA weights when on), saved under <output_dir>/validation/step-<n>/."""
-    from muse import Pipeline
-
     device = transformer.device
     parts = [vqvae.encoder, vqvae.quant_conv, vqvae.quantizer, vqvae.post_quant_conv, vqvae.decoder, text_encoder]
     placement = [(m, next(m.parameters()).device) for m in parts]  # put back afterwards (some wait on the CPU)
@@ -448,8 +456,6 @@ def save_final(out: Path, cfg: TrainConfig, transformer, text_encoder) -> None:
             path = save_lora(transformer, out, fmt=fmt, extra=extra)
             log.info("LoRA adapters: %s", path)
     else:
-        from convert import uvit_to_diffusers
-
         folder = out / "transformer"
         folder.mkdir(exist_ok=True)
         config, state = uvit_to_diffusers(transformer)

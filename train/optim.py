@@ -10,10 +10,12 @@ bitsandbytes AdamW8bit (8-bit moment states, a quarter of the memory of AdamW's)
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from convert.diffusers_keys import UVIT_KEYMAP
 
 NO_DECAY = ("bias", "layer_norm.weight", "mlm_ln.weight", "embeddings.weight")
 
@@ -32,8 +34,6 @@ def decay_groups(
 
 def uvit_rename(name: str) -> str:
     """Our U-ViT parameter name -> its diffusers name (adapter parameters keep their own suffix)."""
-    from convert.diffusers_keys import UVIT_KEYMAP
-
     return UVIT_KEYMAP.theirs(name)
 
 
@@ -42,7 +42,7 @@ def build_optimizer(groups: list[dict], lr: float, betas=(0.9, 0.999), weight_de
         raise ValueError("nothing to train: no parameter requires a gradient")
     if use_8bit:
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional: only with --use_8bit_adam
         except ImportError as e:
             raise ImportError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)") from e
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)

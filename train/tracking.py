@@ -93,7 +93,7 @@ class Tracker:
         self.wandb = None
         if main and report_to in ("wandb", "all"):
             try:
-                import wandb
+                import wandb  # optional: only with --report_to wandb
             except ImportError as e:
                 raise ImportError("--report_to wandb needs the wandb package (pip install wandb)") from e
             directory.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ class Tracker:
 
     def log_images(self, images, captions, step: int) -> None:
         if self.main and self.wandb is not None:
-            import wandb
+            import wandb  # optional: only with --report_to wandb
 
             self.wandb.log({"validation": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
 

@@ -15,22 +15,23 @@ The patch discriminator D (when on) is trained with the hinge loss relu(1 - D(x)
 Codebook usage is counted over each window of `restart_every` steps; codes no latent chose in the window are dead
 and are restarted on latents of the current batch (with a little noise), and their optimiser state is cleared.
 
-`python -m train.vq --help` trains one on the synthetic shapes (`train.shapes`) and writes it to a folder.
+`train.default_model` trains one on the synthetic shapes (`muse.shapes`) as the first stage of its recipe.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import trange
 
 from vqgan import VQGAN, VQGANConfig
 from vqgan.model import VectorQuantizer
@@ -143,8 +144,6 @@ class PerceptualLoss(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"perceptual loss weights not found: {path} (supply a torchvision vgg16 state dict)")
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -260,8 +259,6 @@ def train_vqgan(
 ) -> list[dict]:
     """Train `model` in place on `batches` (an iterator of (B, 3, H, W) pixel tensors in [0, 1] on the model's
     device) for cfg.steps steps. Returns the history: one dict of losses per step (plus usage at each window's end)."""
-    from tqdm.auto import trange
-
     device = model.device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -359,41 +356,11 @@ def evaluate_vqgan(model: VQGAN, images: torch.Tensor, batch_size: int = 256) ->
     }
 
 
-# --- the shapes VQ-GAN ---------------------------------------------------------------------------------------------
-
-
-def shapes_vqgan_config() -> VQGANConfig:
-    """The VQ-GAN of the embedded default model: 64x64 images -> 16x16 ids (factor 4), 512 codes of 16 dims."""
-    return VQGANConfig(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        latent_channels=16,
-        num_vq_embeddings=512,
-        norm_num_groups=16,
-        sample_size=64,
-    )
-
-
-def image_batches(batch_size: int, seed: int, device, split: str = "train") -> Iterator[torch.Tensor]:
-    """Endless deterministic batches of shapes images (B, 3, 64, 64) on `device`."""
-    from train.shapes import stream
-
-    for images, _ in stream(batch_size, seed, split, device, with_captions=False):
-        yield images
-
-
-def train_shapes_vqgan(cfg: VQTrainConfig, vq_config: VQGANConfig | None = None, device="cpu", progress=True, log=print):
-    """Build the shapes VQ-GAN from `cfg.seed` and train it on the synthetic shapes. Returns (model, history)."""
-    torch.manual_seed(cfg.seed)
-    model = VQGAN(vq_config or shapes_vqgan_config()).to(device)
-    history = train_vqgan(model, image_batches(cfg.batch_size, cfg.seed, device), cfg, progress, log)
-    return model, history
+# --- files -----------------------------------------------------------------------------------------------------------
 
 
 def save_vqgan(model: VQGAN, directory: str | Path) -> Path:
     """config.json + model.safetensors (fp32)."""
-    from safetensors.torch import save_file
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
@@ -402,36 +369,7 @@ def save_vqgan(model: VQGAN, directory: str | Path) -> Path:
 
 
 def load_vqgan(directory: str | Path) -> VQGAN:
-    from safetensors.torch import load_file
-
     d = Path(directory)
     model = VQGAN(VQGANConfig.from_dict(json.loads((d / "config.json").read_text())))
     model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
     return model.eval()
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.vq", description="Train the shapes VQ-GAN.")
-    p.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
-    p.add_argument("--steps", type=int, default=VQTrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=VQTrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=VQTrainConfig.lr)
-    p.add_argument("--disc-start", type=int, default=None, help="step at which the patch discriminator starts (off if unset)")
-    p.add_argument("--perceptual-weights", default=None, help="torchvision vgg16 state dict for the perceptual loss")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    cfg = VQTrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, disc_start=args.disc_start,
-        perceptual_weights=args.perceptual_weights, seed=args.seed,
-    )
-    model, _ = train_shapes_vqgan(cfg, device=args.device)
-    from train.shapes import render, sample_scenes
-
-    held = render(sample_scenes(512, seed=12345, split="heldout"), args.device)
-    print(json.dumps(evaluate_vqgan(model, held)))
-    save_vqgan(model, args.out)
-
-
-if __name__ == "__main__":
-    main()

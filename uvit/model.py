@@ -24,7 +24,8 @@ before the block runs (inside its gradient checkpoint, when that is on), with th
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import UViTConfig
-
 
 # --- small building blocks -------------------------------------------------------------------------------------
 

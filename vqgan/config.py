@@ -7,7 +7,7 @@ Field names follow the diffusers `VQModel` config so a `vqvae/config.json` reads
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
-from typing import Sequence
 
 import PIL.Image
 import torch
@@ -35,7 +36,7 @@ def clip_score_from_embeddings(image_embeds: torch.Tensor, text_embeds: torch.Te
 
 
 def _no_weights_message(model_name: str, weights: str | None, reason: str) -> str:
-    import open_clip
+    import open_clip  # heavy (it imports torchvision): only when a CLIP score is asked for
 
     lines = [f"CLIP score needs weights for the open_clip model {model_name!r}: {reason}."]
     tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -54,7 +55,7 @@ def _no_weights_message(model_name: str, weights: str | None, reason: str) -> st
 def load_clip(model_name: str, weights: str | None, device: str | torch.device = "cpu", offline: bool = False):
     """-> (model in eval mode, preprocess transform, tokenizer). Raises MissingWeightsError naming the file to supply
     when `weights` is missing, or a pretrained tag that cannot be downloaded (`offline`, or no network)."""
-    import open_clip
+    import open_clip  # heavy (it imports torchvision): only when a CLIP score is asked for
 
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     kwargs = dict(device=device, require_pretrained=True)
@@ -132,6 +133,4 @@ class ClipScorer:
 
 
 def _version(dist: str) -> str:
-    from importlib.metadata import version
-
     return version(dist)

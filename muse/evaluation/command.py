@@ -1,10 +1,10 @@
-"""`python -m muse evaluate`: the command line of the evaluation.
+"""`muse evaluate`: the command line of the evaluation.
 
-    python -m muse evaluate --prompts prompts.txt --out eval/ --guidance-scales 1 2 4 8 10 \
+    muse evaluate --prompts prompts.txt --out eval/ --guidance-scales 1 2 4 8 10 \
         --clip-model ViT-L-14 --clip-weights open_clip_pytorch_model.bin \
         --fid-reference coco_val/ --fid-weights weights-inception-2015-12-05-6726825d.pth
 
-Registered in the muse CLI (muse/cli.py, COMMAND_MODULES) through `add_parser(subparsers)`.
+Registered in the muse command line (muse/cli.py) through `add_parser(subparsers)`.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import logging
 import sys
 from pathlib import Path
 
-DTYPES = ("float32", "float16", "bfloat16")
+import torch
 
-
-def _temperature(text: str) -> tuple[float, float]:
-    try:
-        start, end = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a temperature is 'start,end' (for example 2,0), got {text!r}") from None
-    return start, end
+from ..arguments import DTYPES, temperature_pair
+from .clip_score import ClipScorer
+from .errors import MissingWeightsError
+from .evaluate import evaluate
+from .fid import InceptionFID
+from .generate import PipelineGenerator
+from .prompts import load_prompts
+from .sweep import expand_grid
 
 
 def _optional(text: str) -> str | None:
@@ -57,7 +58,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--loras", nargs="+", type=_optional, default=[None], help="LoRA adapter files; 'none' = no adapter")
     g.add_argument("--guidance-scales", nargs="+", type=float, default=[10.0])
     g.add_argument("--steps", nargs="+", type=int, default=[12], help="numbers of decoding steps")
-    g.add_argument("--temperatures", nargs="+", type=_temperature, default=[(2.0, 0.0)], help="re-masking temperatures 'start,end'")
+    g.add_argument("--temperatures", nargs="+", type=temperature_pair, default=[(2.0, 0.0)], help="re-masking temperatures 'start,end'")
     g.add_argument("--masking-schedules", nargs="+", type=_optional, default=[None],
                    help="cosine, linear, arccos, power:<p>; 'default' = the model's")
     g.add_argument("--guidance-schedules", nargs="+", default=["constant"], help="constant, linear, cosine")
@@ -82,16 +83,6 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from .clip_score import ClipScorer
-    from .errors import MissingWeightsError
-    from .evaluate import evaluate
-    from .fid import InceptionFID
-    from .generate import PipelineGenerator
-    from .prompts import load_prompts
-    from .sweep import expand_grid
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = load_prompts(args.prompts, args.prompt_column, args.split, args.num_prompts)

@@ -17,14 +17,14 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import PIL.Image
 
 from . import report
 from .clip_score import ClipScorer
-from .fid import InceptionFID, feature_statistics, frechet_distance
+from .fid import InceptionFID, feature_statistics, frechet_distance, list_images
 from .sweep import GenerateFn, Setting, SettingImages, run_sweep
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,6 @@ def _fid(fid: InceptionFID, files: list[Path], reference, size, references: dict
 def _fid_info(fid: InceptionFID | None, reference, references: dict, out_dir: Path, sweep) -> dict:
     if fid is None:
         return {"computed": False, "reason": "not requested (no --fid-reference)"}
-    from .fid import list_images
 
     sizes = {_image_size(out_dir / r.records[0].file) for r in sweep if r.records}
     counts = {f"{w}x{h}": len(list_images(reference)) for (w, h) in sorted(sizes)}

@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import PIL.Image
@@ -160,6 +161,7 @@ class InceptionFID:
     """Inception features and FID statistics of image sets."""
 
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 32, offline: bool = False):
+        # heavy and used only for FID: imported when the first features are computed
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights = resolve_inception_weights(weights, offline)
@@ -218,8 +220,6 @@ class InceptionFID:
         return json.dumps([self.describe()["implementation"], str(self.weights), st.st_size, st.st_mtime_ns])
 
     def describe(self) -> dict:
-        from importlib.metadata import version
-
         return {
             "implementation": f"torch-fidelity {version('torch-fidelity')} FeatureExtractorInceptionV3 "
             f"(TensorFlow FID Inception 2015-12-05 ported to PyTorch), pool3 {FEATURE_LAYER}-d features",

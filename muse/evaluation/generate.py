@@ -7,6 +7,8 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from muse.pipeline import Pipeline, default_model_dir
+
 from .sweep import Setting
 
 
@@ -24,8 +26,6 @@ class PipelineGenerator:
         self._pipe = None
 
     def model_path(self, setting: Setting) -> str:
-        from muse.pipeline import default_model_dir
-
         return str(setting.checkpoint or self.default_model or default_model_dir())
 
     def prepare(self, setting: Setting) -> None:
@@ -33,8 +33,6 @@ class PipelineGenerator:
         self.pipeline(setting)
 
     def pipeline(self, setting: Setting):
-        from muse.pipeline import Pipeline
-
         wanted = (self.model_path(setting), setting.lora)
         if self._loaded != wanted:
             self._pipe = None  # free the previous model first

@@ -103,7 +103,7 @@ def _dataset_column(ds, column: str | None, where: str) -> list[Any]:
 
 
 def _from_hub_dataset(name: str, column: str | None, split: str) -> list[Any]:
-    import datasets
+    import datasets  # heavy (pyarrow, pandas): only when prompts come from a dataset
 
     try:
         ds = datasets.load_dataset(name, split=split)
@@ -116,7 +116,7 @@ def _from_hub_dataset(name: str, column: str | None, split: str) -> list[Any]:
 
 
 def _from_saved_dataset(path: Path, column: str | None, split: str) -> list[Any]:
-    import datasets
+    import datasets  # heavy (pyarrow, pandas): only when prompts come from a dataset
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):

@@ -7,10 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import PIL.Image
+
+from muse.images import make_grid
 
 # Columns of the table, in order. Settings first, then the measurements.
 COLUMNS = (
@@ -63,10 +65,10 @@ def _curve_name(row: dict) -> str:
 def plot_against_guidance(rows: Sequence[dict], path: Path, title: str | None = None) -> Path:
     """FID and CLIP score (one panel each) against the guidance scale, one line per other combination of settings,
     as the published aMUSEd quality plots. A metric with no values gets a panel saying it was not computed."""
-    import matplotlib
+    import matplotlib  # heavy, and only for this plot: imported when it is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"), so no display is needed
 
     curves: dict[str, list[dict]] = {}
     for row in rows:
@@ -97,8 +99,6 @@ def plot_against_guidance(rows: Sequence[dict], path: Path, title: str | None = 
 
 def image_grid(images: Sequence[PIL.Image.Image], cols: int, path: Path) -> Path:
     """Tile the images `cols` per row and save them."""
-    from muse.images import make_grid
-
     make_grid(list(images), cols=max(1, min(cols, len(images)))).save(path)
     return Path(path)
 

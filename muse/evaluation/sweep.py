@@ -23,9 +23,9 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import PIL.Image
 from tqdm.auto import tqdm

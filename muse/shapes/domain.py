@@ -1,6 +1,6 @@
-"""A synthetic captioned image dataset: one axis-aligned shape on a plain background, 64x64, deterministic from a seed.
+"""The shapes domain's language: one axis-aligned shape on a plain background, described by a caption.
 
-Every image is described by a `Scene` row: a shape (circle, square, triangle) of a named colour, a size (small,
+Every image is described by a `Scenes` row: a shape (circle, square, triangle) of a named colour, a size (small,
 medium, large), a position on a 3x3 grid (top left ... bottom right) with a little jitter, and a background of
 another named colour. Its caption always names the shape, its colour and the background, and sometimes (each with
 probability 1/2) the size and the position:
@@ -9,10 +9,8 @@ probability 1/2) the size and the position:
     "a small red circle at the top left on a blue background"
 
 Some (colour, shape, background) triples never appear in the training split (`HELDOUT`); the `heldout` split draws
-only from them, so a model's prompt adherence can be measured on combinations it has never seen.
-
-Rendering is anti-aliased (4x4 supersampling per pixel) and vectorised: `render(scenes)` draws a whole batch at
-once, on any device. `python -m train.shapes eval` reports the shipped model's adherence (see `evaluate`).
+only from them, so a model's prompt adherence can be measured on combinations it has never seen. Scenes are drawn
+deterministically from a seed; `muse.shapes.render` draws them.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from dataclasses import dataclass, fields
 import torch
 
 IMAGE_SIZE = 64
-SUPERSAMPLE = 4  # subsamples per pixel side for anti-aliasing
 
 # Named colours, RGB in 0..255. Chosen far apart so a judge can name a colour from pixels alone.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -74,6 +71,11 @@ HELDOUT: tuple[tuple[str, str, str], ...] = tuple(
 )
 TRAIN_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(t for t in ALL_TRIPLES if t not in set(HELDOUT))
 SPLITS = {"train": TRAIN_TRIPLES, "heldout": HELDOUT}
+
+
+def palette(device="cpu") -> torch.Tensor:
+    """The named colours as a (num colours, 3) float tensor in [0, 1], in COLOUR_NAMES order."""
+    return torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 255.0
 
 
 @dataclass
@@ -170,111 +172,3 @@ def captions(scenes: Scenes) -> list[str]:
         a = scenes.attributes(i)
         out.append(caption(a["colour"], a["shape"], a["background"], a.get("size"), a.get("position")))
     return out
-
-
-def _palette(device) -> torch.Tensor:
-    """(num colours, 3) float in [0, 1]."""
-    return torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 255.0
-
-
-def _inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Whether each subsample at offset (dx, dy) from the centre lies inside the shape of half side h."""
-    if shape == "circle":
-        return dx * dx + dy * dy <= h * h
-    if shape == "square":
-        return (dx.abs() <= h) & (dy.abs() <= h)
-    # triangle: apex at (cx, cy - h), base from (cx - h, cy + h) to (cx + h, cy + h)
-    return (dy <= h) & (2 * dx.abs() <= dy + h)
-
-
-def coverage(scenes: Scenes, device="cpu", size: int = IMAGE_SIZE) -> torch.Tensor:
-    """The fraction of each pixel that the shape covers, (N, size, size) in [0, 1] (4x4 supersampling)."""
-    n, s = len(scenes), SUPERSAMPLE
-    t = (torch.arange(size * s, device=device, dtype=torch.float32) + 0.5) / s  # subsample centres, pixel units
-    y, x = t.view(1, -1, 1), t.view(1, 1, -1)
-    cx, cy = scenes.cx.to(device).view(n, 1, 1).float(), scenes.cy.to(device).view(n, 1, 1).float()
-    h = scenes.half.to(device).view(n, 1, 1)
-    dx, dy = x - cx, y - cy  # (N, S*size, S*size) by broadcasting
-    kind = scenes.shape.to(device)
-    inside = torch.empty(n, size * s, size * s, device=device)
-    for k, shape in enumerate(SHAPES):  # each image evaluates only its own shape's test
-        sel = (kind == k).nonzero().squeeze(1)
-        if len(sel):
-            inside[sel] = _inside(shape, dx[sel], dy[sel], h[sel]).float()
-    return torch.nn.functional.avg_pool2d(inside.unsqueeze(1), s).squeeze(1)  # (N, size, size)
-
-
-def render(scenes: Scenes, device="cpu", chunk: int = 512) -> torch.Tensor:
-    """Draw the scenes: (N, 3, 64, 64) float32 in [0, 1] on `device`."""
-    pal = _palette(device)
-    out = []
-    for start in range(0, len(scenes), chunk):
-        part = scenes[start : start + chunk]
-        alpha = coverage(part, device).unsqueeze(1)  # (n, 1, H, W)
-        fg = pal[part.colour.to(device)].view(-1, 3, 1, 1)
-        bg = pal[part.background.to(device)].view(-1, 3, 1, 1)
-        out.append(bg + alpha * (fg - bg))
-    if not out:
-        return torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
-    return torch.cat(out)
-
-
-class ShapesDataset(torch.utils.data.Dataset):
-    """A map-style dataset of `length` rendered scenes, deterministic from `seed`: item i is
-    {"image": (3, 64, 64) float in [0, 1], "caption": str, "attributes": dict}."""
-
-    def __init__(self, length: int, seed: int = 0, split: str = "train"):
-        self.scenes = sample_scenes(length, seed, split)
-        self.captions = captions(self.scenes)
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} scenes")
-        i = i % len(self)
-        return {
-            "image": render(self.scenes[i : i + 1])[0],
-            "caption": self.captions[i],
-            "attributes": self.scenes.attributes(i),
-        }
-
-
-def stream(batch_size: int, seed: int, split: str = "train", device="cpu", with_captions: bool = True):
-    """An endless, deterministic iterator of (images (B, 3, 64, 64) on `device`, captions or None) batches; batch k is
-    drawn from seed (seed, k), so a run restarted from batch k sees the same data."""
-    for k in itertools.count():
-        scenes = sample_scenes(batch_size, seed * 1_000_003 + k, split)
-        yield render(scenes, device), (captions(scenes) if with_captions else None)
-
-
-def main(argv=None) -> int:
-    """`python -m train.shapes eval [...]` (the same as `python -m muse shapes-eval`), or
-    `python -m train.shapes show --out grid.png` (a grid of training images with their captions printed)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m train.shapes")
-    sub = p.add_subparsers(dest="command", required=True)
-    from muse.shapes_judge import add_parser
-
-    add_parser(sub).prog = "python -m train.shapes eval"
-    sub.choices["eval"] = sub.choices.pop("shapes-eval")
-    show = sub.add_parser("show", help="render a grid of dataset images and print their captions")
-    show.add_argument("--out", required=True)
-    show.add_argument("-n", type=int, default=16)
-    show.add_argument("--seed", type=int, default=0)
-    show.add_argument("--split", default="train", choices=sorted(SPLITS))
-    args = p.parse_args(argv)
-    if args.command == "show":
-        from muse.shapes_judge import save_grid
-
-        scenes = sample_scenes(args.n, args.seed, args.split)
-        save_grid(render(scenes), args.out)
-        print("\n".join(captions(scenes)))
-        return 0
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,10 +1,14 @@
-"""Train the embedded default model (muse/assets/default/) from nothing but this repository's code.
+"""The recipe of the embedded default model (muse/assets/default/): trained from nothing by this repository's code.
 
-    python -m train.train_default                 # the shipped model: writes muse/assets/default/ (GPU if there is one)
-    python -m train.train_default --recipe reduced --out /tmp/m --work /tmp/w --device cpu  # the CI-sized run
+    muse train-default                          # the shipped model: writes muse/assets/default/ (GPU if there is one)
+    muse train-default --recipe reduced --out /tmp/m --work /tmp/w --device cpu   # the CI-sized run
+    python -m train.default_model ...           # the same command
+
+A recipe in torchtune's sense: it sets up and runs one experiment over the library (`muse.shapes` for the domain,
+`train.vq` and the training loop for the networks); nothing imports it. Its presets are data at the top.
 
 Four stages, each deterministic from the recipe's seed:
-  1. VQ-GAN (`train.vq`) on endless batches of synthetic shapes (`train.shapes`): 64x64 images <-> 16x16 ids.
+  1. VQ-GAN (`train.vq`) on endless batches of synthetic shapes (`muse.shapes`): 64x64 images <-> 16x16 ids.
   2. Text encoder: a small CLIPTextModelWithProjection built from a config with a fixed seed and never trained; the
      tokenizer is the CLIP tokenizer (`convert`, offline). One layer, so the U-ViT's context (the penultimate hidden
      states) is the token + position embeddings themselves: every word reaches the U-ViT unmixed.
@@ -15,12 +19,13 @@ Four stages, each deterministic from the recipe's seed:
 Then the four components are written in our checkpoint format (`convert.save_components`), weights stored in fp16
 to fit the size budget (the VQ-GAN and text encoder are rounded to fp16 *before* stage 4, so the U-ViT trains on
 exactly the tokens and text features the shipped files produce), and evaluated: the VQ-GAN's PSNR and codebook use
-on held-out images, and prompt adherence on held-out combinations (`muse.shapes_judge`).
+on held-out images, and prompt adherence on held-out combinations (`muse.shapes.evaluate`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -29,12 +34,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from convert import Components, load_components, save_components
+from convert.components import default_scheduler_config
+from convert.text_encoder import load_tokenizer
+from muse import Pipeline
+from muse.shapes import MODEL_DIR, captions, render, sample_scenes, stream
+from muse.shapes.evaluate import evaluate_adherence
+from muse.shapes.figures import make_figures
 from uvit import UViT, UViTConfig
 from vqgan import VQGAN, VQGANConfig
 
-from .vq import VQTrainConfig, evaluate_vqgan, shapes_vqgan_config, train_vqgan
+from .config import TrainConfig
+from .loop import train
+from .vq import VQTrainConfig, evaluate_vqgan, load_vqgan, reconstruction_loss, save_vqgan, train_vqgan, vq_step
 
 log = logging.getLogger("train.default")
 
@@ -53,8 +69,6 @@ class TextEncoderConfig:
     projection_dim: int = 32
 
     def build(self, seed: int) -> nn.Module:
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
         cfg = CLIPTextConfig(
             vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
             bos_token_id=0, eos_token_id=2, pad_token_id=1,  # as the published config: pooled at the first 49407
@@ -64,9 +78,36 @@ class TextEncoderConfig:
         return CLIPTextModelWithProjection(cfg).requires_grad_(False).eval()
 
 
+def shapes_vqgan_config() -> VQGANConfig:
+    """The VQ-GAN of the embedded default model: 64x64 images -> 16x16 ids (factor 4), 512 codes of 16 dims."""
+    return VQGANConfig(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        latent_channels=16,
+        num_vq_embeddings=512,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+
+
 def shipped_vq_training() -> VQTrainConfig:
-    """How the shipped VQ-GAN trains: 3000 steps of 256 images (measured: 199 s on one H100, PSNR 32.9 dB)."""
+    """How the shipped VQ-GAN trains: 3000 steps of 256 images."""
     return VQTrainConfig(steps=3000, batch_size=256, lr=1e-3, betas=(0.9, 0.99), warmup=100, restart_every=100, log_every=250)
+
+
+def shapes_uvit_config(**overrides) -> UViTConfig:
+    """The U-ViT of the embedded default model: 16x16 tokens, brought to 8x8 inside (as amused-512 does with 32x32),
+    2 ConvNeXt blocks per side (their 3x3 depthwise convs tell each of the 8x8 cells which third of the image it is
+    in, the resolution of the captions' positions: the U-ViT has no position embedding), 4 transformer layers of
+    160, 512 codes + the mask token. About 3M parameters."""
+    base = dict(
+        hidden_size=160, cond_embed_dim=32, micro_cond_encode_dim=16, micro_cond_embed_dim=80, encoder_hidden_size=32,
+        vocab_size=513, codebook_size=512, in_channels=64, block_out_channels=64, num_res_blocks=2,
+        downsample=True, upsample=True, block_num_heads=2, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=480, sample_size=16,
+    )
+    base.update(overrides)
+    return UViTConfig(**base)
 
 
 @dataclass
@@ -77,7 +118,7 @@ class Recipe:
     vq_config: VQGANConfig = field(default_factory=shapes_vqgan_config)
     vq_train: VQTrainConfig = field(default_factory=shipped_vq_training)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    uvit_config: UViTConfig = field(default_factory=lambda: shapes_uvit_config())
+    uvit_config: UViTConfig = field(default_factory=shapes_uvit_config)
     num_images: int = 64_000  # training images written for the U-ViT
     batch_size: int = 1024
     steps: int = 2800
@@ -88,8 +129,8 @@ class Recipe:
     max_grad_norm: float = 1.0
     store_dtype: str = "float16"  # dtype of the shipped weight files
     # sampling defaults the model folder declares (scheduler/config.json): this small model follows prompts best at
-    # a low guidance scale and re-masking temperature (held-out adherence 87% here against 30% at the reference's
-    # guidance 10); calls that pass their own values override them
+    # a low guidance scale and re-masking temperature (measured in docs/default_model.md); calls that pass their own
+    # values override them
     sampling_defaults: dict = field(default_factory=lambda: {"guidance_scale": 2.0, "temperature": [1.0, 0.0]})
     vq_eval_images: int = 1024  # held-out images for the VQ-GAN's PSNR and codebook usage
     workers: int = 4  # data loader processes of the U-ViT stage
@@ -125,21 +166,6 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def shapes_uvit_config(**overrides) -> UViTConfig:
-    """The U-ViT of the embedded default model: 16x16 tokens, brought to 8x8 inside (as amused-512 does with 32x32),
-    2 ConvNeXt blocks per side (their 3x3 depthwise convs tell each of the 8x8 cells which third of the image it is
-    in, the resolution of the captions' positions: the U-ViT has no position embedding), 4 transformer layers of
-    160, 512 codes + the mask token. About 3M parameters."""
-    base = dict(
-        hidden_size=160, cond_embed_dim=32, micro_cond_encode_dim=16, micro_cond_embed_dim=80, encoder_hidden_size=32,
-        vocab_size=513, codebook_size=512, in_channels=64, block_out_channels=64, num_res_blocks=2,
-        downsample=True, upsample=True, block_num_heads=2, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=480, sample_size=16,
-    )
-    base.update(overrides)
-    return UViTConfig(**base)
 
 
 RECIPES = {"shipped": Recipe.shipped, "reduced": Recipe.reduced}
@@ -178,10 +204,6 @@ def round_to(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 def write_training_folder(folder: Path, num_images: int, seed: int, device="cpu") -> Path:
     """num_images rendered training scenes as PNG files + metadata.jsonl (file_name, text). Reused when a folder
     written with the same (num_images, seed) is there."""
-    from PIL import Image
-
-    from .shapes import captions, render, sample_scenes
-
     folder = Path(folder)
     stamp = folder / "shapes.json"
     want = {"num_images": num_images, "seed": seed, "split": "train"}
@@ -209,8 +231,6 @@ def write_training_folder(folder: Path, num_images: int, seed: int, device="cpu"
 
 def save_stages(folder: Path, vqvae: VQGAN, text_encoder: nn.Module) -> Path:
     """The results of stages 1-2 (folder/vqvae, folder/text_encoder), so a later run can start at stage 3."""
-    from .vq import save_vqgan
-
     save_vqgan(vqvae, folder / "vqvae")
     text_encoder.save_pretrained(str(folder / "text_encoder"))
     return folder
@@ -219,22 +239,14 @@ def save_stages(folder: Path, vqvae: VQGAN, text_encoder: nn.Module) -> Path:
 def load_stages(folder: Path) -> tuple[VQGAN, nn.Module]:
     """(VQ-GAN, text encoder) from a `save_stages` folder or from a model folder in our format."""
     if (folder / "muse.json").is_file():
-        from convert import load_components
-
         c = load_components(str(folder))
         return c.vqvae.eval(), c.text_encoder.requires_grad_(False).eval()
-    from transformers import CLIPTextModelWithProjection
-
-    from .vq import load_vqgan
-
     text_encoder = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
     return load_vqgan(folder / "vqvae"), text_encoder.float().requires_grad_(False).eval()
 
 
 def weights_digest(*modules: nn.Module) -> str:
     """A short hash of the modules' tensors (names, shapes, values)."""
-    import hashlib
-
     h = hashlib.sha256()
     for m in modules:
         for name, t in sorted(m.state_dict().items()):
@@ -251,8 +263,6 @@ def folder_bytes(folder: Path) -> int:
 
 
 def train_vq_stage(recipe: Recipe, device, progress: bool) -> tuple[VQGAN, list[dict]]:
-    from .shapes import stream
-
     torch.manual_seed(recipe.seed)
     model = VQGAN(recipe.vq_config).to(device)
     cfg = recipe.vq_train
@@ -262,8 +272,6 @@ def train_vq_stage(recipe: Recipe, device, progress: bool) -> tuple[VQGAN, list[
 
 
 def vq_report(vqvae: VQGAN, device, num_images: int = 1024) -> dict:
-    from .shapes import render, sample_scenes
-
     held = render(sample_scenes(num_images, VQ_EVAL_SEED, split="heldout"))
     report = evaluate_vqgan(vqvae.to(device), held.to(device))
     vqvae.cpu()
@@ -272,9 +280,6 @@ def vq_report(vqvae: VQGAN, device, num_images: int = 1024) -> dict:
 
 def train_uvit_stage(recipe: Recipe, components, data: Path, work: Path, device: str, progress: bool):
     """Train components.transformer in place with the project's loop; returns the loop's TrainResult."""
-    from . import train
-    from .config import TrainConfig
-
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:  # the loop wants an explicit device index
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -307,9 +312,6 @@ def train_uvit_stage(recipe: Recipe, components, data: Path, work: Path, device:
 def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
     """Measured seconds per training step of the VQ-GAN (with its data) and of the U-ViT (random inputs, the loop's
     precision), after 3 warm-up steps, and the training time they project. Nothing here is kept."""
-    from .shapes import stream
-    from .vq import reconstruction_loss, vq_step
-
     def clock(step) -> float:
         for _ in range(3):
             step()
@@ -364,10 +366,6 @@ def build(
 ) -> dict:
     """Run the four stages and write the model to `out` (replaced). Returns a report dict (also work/report.json).
     With `reuse` (a model folder of an earlier run), its VQ-GAN and text encoder replace stages 1 and 2."""
-    from convert import save_components
-    from convert.components import Components, default_scheduler_config
-    from convert.text_encoder import load_tokenizer
-
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     store = getattr(torch, recipe.store_dtype)
@@ -437,114 +435,13 @@ def build(
 
 def evaluate(model_dir: Path, device: str = "cpu", per_triple: int = 2, progress: bool = True) -> dict:
     """Held-out adherence (default sampling settings) and the shipped VQ-GAN's PSNR, from the files in `model_dir`."""
-    from muse import Pipeline
-    from muse.shapes_judge import evaluate_adherence
-
     pipe = Pipeline.from_pretrained(model_dir, device=device)
     ev = evaluate_adherence(pipe, per_triple=per_triple, progress=progress)
     return {"adherence": asdict(ev.report), "vq": vq_report(pipe.vqvae, device)}
 
 
-# --- README figures ------------------------------------------------------------------------------------------------
-
-FIGURE_PROMPTS = (
-    "a red circle on a blue background",
-    "a small yellow triangle at the top left on a black background",
-    "a large white square in the center on a purple background",
-    "a green circle at the bottom right on a white background",
-    "an orange triangle on a blue background",  # held out of training
-    "a blue circle on a yellow background",  # held out
-    "a black square at the top right on a red background",  # held out
-    "a purple square on a yellow background",  # held out
-)
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line]
-
-
-def figure_grid(pipe, prompts=FIGURE_PROMPTS, seed: int = 0, scale: int = 2, columns: int = 4):
-    """A PIL image: each prompt's generated image (seed `seed`, default settings), enlarged `scale` x, captioned."""
-    from PIL import Image, ImageDraw
-
-    from .shapes import HELDOUT
-
-    images = pipe(list(prompts), generator=[torch.Generator().manual_seed(seed) for _ in prompts], progress_bar=False)
-    side, pad, text_h = 64 * scale, 8, 44
-    rows = (len(prompts) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad), "white")
-    draw, font = ImageDraw.Draw(canvas), _font(11)
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        r, c = divmod(i, columns)
-        x, y = pad + c * (side + pad), pad + r * (side + text_h + pad)
-        canvas.paste(image.resize((side, side), Image.NEAREST), (x, y))
-        held = any(f"{c} {s} " in prompt and prompt.endswith(f" {b} background") for c, b, s in HELDOUT)
-        label = _wrap(prompt + (" (held out)" if held else ""), 24)
-        for k, line in enumerate(label[:3]):
-            draw.text((x, y + side + 2 + 13 * k), line, fill="black", font=font)
-    return canvas
-
-
-def figure_decoding(pipe, prompt: str = FIGURE_PROMPTS[0], seed: int = 0, scale: int = 3, columns: int = 6):
-    """A PIL image of one image's decoding, step by step: after step k, the tokens known so far are shown (each token
-    is a 4x4 pixel patch of the final image) and the still-masked ones are grey."""
-    from PIL import Image, ImageDraw
-
-    steps: list[torch.Tensor] = []
-    final = pipe(
-        prompt, generator=torch.Generator().manual_seed(seed), progress_bar=False, output_type="np",
-        callback=lambda i, t, tokens: steps.append(tokens[0].clone()),
-    )[0]  # (64, 64, 3)
-    f = pipe.vae_scale_factor
-    pixels = torch.from_numpy(final).permute(2, 0, 1)  # (3, 64, 64)
-    side, pad, text_h = 64 * scale, 6, 16
-    rows = (len(steps) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad + 18), "white")
-    draw, font = ImageDraw.Draw(canvas), _font(12)
-    draw.text((pad, 4), f'"{prompt}": tokens known after each of {len(steps)} steps', fill="black", font=font)
-    for k, tokens in enumerate(steps):
-        known = (tokens != pipe.mask_token_id).float()  # (h, w)
-        known_px = known.repeat_interleave(f, 0).repeat_interleave(f, 1)  # (64, 64)
-        checker = 0.55 + 0.1 * ((torch.arange(64)[:, None] // 4 + torch.arange(64)[None, :] // 4) % 2).float()
-        frame = pixels * known_px + checker * (1 - known_px)
-        array = (frame.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        r, c = divmod(k, columns)
-        x, y = pad + c * (side + pad), 22 + r * (side + text_h + pad)
-        canvas.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
-        draw.text((x, y + side + 1), f"step {k + 1}: {int(known.sum())}/{known.numel()} tokens", fill="black", font=font)
-    return canvas
-
-
-def make_figures(model_dir, docs: Path, device: str = "cpu") -> list[Path]:
-    """docs/default_model_grid.png and docs/default_model_decoding.png from the model in `model_dir`."""
-    from muse import Pipeline
-
-    pipe = Pipeline.from_pretrained(model_dir, device=device)
-    docs.mkdir(parents=True, exist_ok=True)
-    paths = [docs / "default_model_grid.png", docs / "default_model_decoding.png"]
-    figure_grid(pipe).save(paths[0], optimize=True)
-    figure_decoding(pipe).save(paths[1], optimize=True)
-    return paths
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.train_default", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog: str = "python -m train.default_model") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="shipped", choices=sorted(RECIPES))
     p.add_argument("--out", default=None, help="model folder to write (default: the embedded model's folder)")
     p.add_argument("--work", default="outputs/default_model", help="scratch folder: training images, loop checkpoints, report")
@@ -568,9 +465,7 @@ def main(argv=None) -> int:
     if args.seed is not None:
         recipe.seed = args.seed
     if args.out is None:
-        from muse.pipeline import DEFAULT_MODEL_DIR
-
-        args.out = DEFAULT_MODEL_DIR
+        args.out = MODEL_DIR
     if args.time_budget is not None:
         estimate = preflight(recipe, args.device)
         log.info("preflight: %s", estimate)

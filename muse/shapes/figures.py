@@ -1,0 +1,99 @@
+"""The README figures of a shapes model: a captioned grid of generated images, and one image decoded step by step.
+
+    python -m train.default_model --figures docs   # docs/default_model_grid.png and docs/default_model_decoding.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..pipeline import Pipeline
+from .domain import HELDOUT
+
+FIGURE_PROMPTS = (
+    "a red circle on a blue background",
+    "a small yellow triangle at the top left on a black background",
+    "a large white square in the center on a purple background",
+    "a green circle at the bottom right on a white background",
+    "an orange triangle on a blue background",  # held out of training
+    "a blue circle on a yellow background",  # held out
+    "a black square at the top right on a red background",  # held out
+    "a purple square on a yellow background",  # held out
+)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]
+
+
+def figure_grid(pipe, prompts=FIGURE_PROMPTS, seed: int = 0, scale: int = 2, columns: int = 4):
+    """A PIL image: each prompt's generated image (seed `seed`, default settings), enlarged `scale` x, captioned."""
+    images = pipe(list(prompts), generator=[torch.Generator().manual_seed(seed) for _ in prompts], progress_bar=False)
+    side, pad, text_h = 64 * scale, 8, 44
+    rows = (len(prompts) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad), "white")
+    draw, font = ImageDraw.Draw(canvas), _font(11)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        r, c = divmod(i, columns)
+        x, y = pad + c * (side + pad), pad + r * (side + text_h + pad)
+        canvas.paste(image.resize((side, side), Image.NEAREST), (x, y))
+        held = any(f"{c} {s} " in prompt and prompt.endswith(f" {b} background") for c, b, s in HELDOUT)
+        label = _wrap(prompt + (" (held out)" if held else ""), 24)
+        for k, line in enumerate(label[:3]):
+            draw.text((x, y + side + 2 + 13 * k), line, fill="black", font=font)
+    return canvas
+
+
+def figure_decoding(pipe, prompt: str = FIGURE_PROMPTS[0], seed: int = 0, scale: int = 3, columns: int = 6):
+    """A PIL image of one image's decoding, step by step: after step k, the tokens known so far are shown (each token
+    is a 4x4 pixel patch of the final image) and the still-masked ones are grey."""
+    steps: list[torch.Tensor] = []
+    final = pipe(
+        prompt, generator=torch.Generator().manual_seed(seed), progress_bar=False, output_type="np",
+        callback=lambda i, t, tokens: steps.append(tokens[0].clone()),
+    )[0]  # (64, 64, 3)
+    f = pipe.vae_scale_factor
+    pixels = torch.from_numpy(final).permute(2, 0, 1)  # (3, 64, 64)
+    side, pad, text_h = 64 * scale, 6, 16
+    rows = (len(steps) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad + 18), "white")
+    draw, font = ImageDraw.Draw(canvas), _font(12)
+    draw.text((pad, 4), f'"{prompt}": tokens known after each of {len(steps)} steps', fill="black", font=font)
+    for k, tokens in enumerate(steps):
+        known = (tokens != pipe.mask_token_id).float()  # (h, w)
+        known_px = known.repeat_interleave(f, 0).repeat_interleave(f, 1)  # (64, 64)
+        checker = 0.55 + 0.1 * ((torch.arange(64)[:, None] // 4 + torch.arange(64)[None, :] // 4) % 2).float()
+        frame = pixels * known_px + checker * (1 - known_px)
+        array = (frame.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        r, c = divmod(k, columns)
+        x, y = pad + c * (side + pad), 22 + r * (side + text_h + pad)
+        canvas.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
+        draw.text((x, y + side + 1), f"step {k + 1}: {int(known.sum())}/{known.numel()} tokens", fill="black", font=font)
+    return canvas
+
+
+def make_figures(model_dir, docs: Path, device: str = "cpu") -> list[Path]:
+    """docs/default_model_grid.png and docs/default_model_decoding.png from the model in `model_dir`."""
+    pipe = Pipeline.from_pretrained(model_dir, device=device)
+    docs.mkdir(parents=True, exist_ok=True)
+    paths = [docs / "default_model_grid.png", docs / "default_model_decoding.png"]
+    figure_grid(pipe).save(paths[0], optimize=True)
+    figure_decoding(pipe).save(paths[1], optimize=True)
+    return paths
