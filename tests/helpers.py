@@ -4,6 +4,9 @@ saved in the published folder layout. Nothing here downloads anything."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -126,3 +129,28 @@ def save_published(pipe, directory: str | Path, fp16_variant: bool = False) -> P
 
 def _models(pipe) -> dict[str, nn.Module]:
     return {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
+
+
+# --- the command line, as a user runs it -----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+# the console script `pip install -e .` puts beside the interpreter ([project.scripts] in pyproject.toml)
+MUSE_SCRIPT = Path(sys.executable).with_name("muse")
+
+
+def run_muse(args: list[str], cwd: Path | str = REPO, check: bool = True, **env) -> subprocess.CompletedProcess:
+    """`muse ARGS...` in a fresh process, through the installed console script, as a user types it."""
+    assert MUSE_SCRIPT.is_file(), f"no console script at {MUSE_SCRIPT}: install the package (pip install -e .)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.run([str(MUSE_SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def muse_main(args: list[str]) -> int:
+    """The console script's entry point (`muse.cli.main`) in this process: the same parsing and dispatch as
+    `run_muse`, without an interpreter start."""
+    from muse.cli import main
+
+    return main(list(args))

@@ -1,10 +1,11 @@
-"""`python -m muse generate / img2img / inpaint` at tiny size, on a saved tiny model folder (the published layout).
+"""`muse generate / img2img / inpaint` (the console script; alias `python -m muse`) at tiny size, on a saved tiny model folder (the published layout).
 
 Each command's images are checked against `muse.Pipeline` called directly with the seeds the command line
 documents (image i uses seed + i), so the command line adds nothing to, and loses nothing of, the pipeline."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import torch
 
 import muse.shapes.embedded
 from muse import Pipeline, cli
+from tests.helpers import run_muse
 
 STEPS = "3"
 
@@ -132,11 +134,34 @@ def test_subcommands_can_be_registered_from_other_modules(monkeypatch, capsys):
     assert cli.main(["hello", "--name", "muse"]) == 0 and calls == ["muse"]
 
 
-def test_python_dash_m_muse_runs_with_a_progress_bar(model_dir, tmp_path):
+def test_the_muse_console_script_generates_with_a_progress_bar(model_dir, tmp_path):
     out = tmp_path / "cli.png"
-    r = subprocess.run([sys.executable, "-m", "muse", "generate", "a cat", "--model", model_dir, "--steps", STEPS,
-                        "--seed", "0", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    r = run_muse(["generate", "a cat", "--model", model_dir, "--steps", STEPS, "--seed", "0", "--out", str(out)])
     assert out.is_file() and PIL.Image.open(out).size == (32, 32)
     assert "decoding" in r.stderr and f"{STEPS}/{STEPS}" in r.stderr  # tqdm's bar over the steps
     assert "seed 0" in r.stderr
+
+
+@pytest.mark.slow
+def test_muse_help_lists_every_subcommand_and_python_dash_m_muse_is_the_same():
+    listed = run_muse(["--help"]).stdout
+    for name in ("generate", "img2img", "inpaint", "evaluate", "shapes-eval", "convert", "train", "train-default"):
+        assert f"    {name}" in listed, (name, listed)
+    alias = subprocess.run([sys.executable, "-m", "muse", "--help"], capture_output=True, text=True, timeout=300)
+    assert alias.returncode == 0 and alias.stdout.replace("python -m muse", "muse") == listed
+
+
+def test_muse_generate_on_the_embedded_model_runs_offline_without_the_training_code(tmp_path):
+    """No --model: the embedded model, no network (HF_HUB_OFFLINE), and `train` is never imported."""
+    out = tmp_path / "red.png"
+    probe = (
+        "import sys; from muse.cli import main; "
+        f"code = main(['generate', 'a red circle on a blue background', '--seed', '0', '--steps', '2', '--out', {str(out)!r}]); "
+        "print('TRAIN_MODULES', sorted(m for m in sys.modules if m == 'train' or m.startswith('train.'))); sys.exit(code)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "TRAIN_MODULES []" in r.stdout, r.stdout
+    width, height = PIL.Image.open(out).size
+    assert width == height >= 64

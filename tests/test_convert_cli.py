@@ -1,4 +1,5 @@
-"""python -m convert: converts, reports, and writes DST only when the whole conversion succeeded."""
+"""`muse convert` (and its alias `python -m convert`): converts, reports, and writes DST only when the whole conversion
+succeeded."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 import convert
-from convert.__main__ import main
+from tests.helpers import muse_main, run_muse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def _siblings(path: Path) -> list[str]:
 
 def test_published_to_ours_prints_a_summary(published_dirs, tmp_path, capsys):
     dst = tmp_path / "ours"
-    assert main([str(published_dirs("tiny-256")), str(dst)]) == 0
+    assert muse_main(["convert", str(published_dirs("tiny-256")), str(dst)]) == 0
     out = capsys.readouterr().out
     ours = convert.load_components(str(dst))
     params = ours.num_parameters()
@@ -36,7 +37,7 @@ def test_published_to_ours_prints_a_summary(published_dirs, tmp_path, capsys):
 
 def test_fp16_variant_to_diffusers_writes_variant_files(published_dirs, tmp_path, capsys):
     dst = tmp_path / "diffusers16"
-    assert main([str(published_dirs("tiny-512")), str(dst), "--to", "diffusers", "--variant", "fp16"]) == 0
+    assert muse_main(["convert", str(published_dirs("tiny-512")), str(dst), "--to", "diffusers", "--variant", "fp16"]) == 0
     assert "float16" in capsys.readouterr().out
     assert (dst / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     assert not (dst / "transformer" / "diffusion_pytorch_model.safetensors").exists()
@@ -46,7 +47,7 @@ def test_fp16_variant_to_diffusers_writes_variant_files(published_dirs, tmp_path
 
 def test_dtype_flag_sets_the_written_precision(published_dirs, tmp_path):
     dst = tmp_path / "bf16"
-    assert main([str(published_dirs("tiny-256")), str(dst), "--dtype", "bfloat16"]) == 0
+    assert muse_main(["convert", str(published_dirs("tiny-256")), str(dst), "--dtype", "bfloat16"]) == 0
     c = convert.load_components(str(dst), dtype=None)
     index = json.loads((dst / "muse.json").read_text())
     assert set(index["dtype"].values()) == {"bfloat16"}
@@ -60,7 +61,7 @@ def test_failed_conversion_leaves_no_dst(published_dirs, tmp_path, capsys):
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     dst = tmp_path / "out" / "ours"
-    assert main([str(src), str(dst)]) == 1
+    assert muse_main(["convert", str(src), str(dst)]) == 1
     err = capsys.readouterr().err
     assert f"{weights}: truncated safetensors file" in err and "was not written" in err
     assert not dst.exists()
@@ -71,9 +72,9 @@ def test_existing_dst_needs_overwrite_and_is_replaced_whole(published_dirs, tmp_
     dst = tmp_path / "ours"
     dst.mkdir()
     (dst / "keep.txt").write_text("old")
-    assert main([str(published_dirs("tiny-256")), str(dst)]) == 2
+    assert muse_main(["convert", str(published_dirs("tiny-256")), str(dst)]) == 2
     assert "already exists" in capsys.readouterr().err and (dst / "keep.txt").exists()
-    assert main([str(published_dirs("tiny-256")), str(dst), "--overwrite"]) == 0
+    assert muse_main(["convert", str(published_dirs("tiny-256")), str(dst), "--overwrite"]) == 0
     assert (dst / "muse.json").is_file() and not (dst / "keep.txt").exists()
     assert _siblings(dst) == ["ours"]
 
@@ -82,8 +83,14 @@ def test_failed_overwrite_keeps_the_old_dst(tmp_path, capsys):
     dst = tmp_path / "ours"
     dst.mkdir()
     (dst / "keep.txt").write_text("old")
-    assert main([str(tmp_path / "missing-src" / "x"), str(dst), "--overwrite"]) == 1
+    assert muse_main(["convert", str(tmp_path / "missing-src" / "x"), str(dst), "--overwrite"]) == 1
     assert (dst / "keep.txt").read_text() == "old"
+
+
+def test_the_muse_console_script_converts(published_dirs, tmp_path):
+    dst = tmp_path / "ours"
+    proc = run_muse(["convert", str(published_dirs("tiny-256")), str(dst)], cwd=tmp_path)
+    assert "converted" in proc.stdout and (dst / "muse.json").is_file()
 
 
 def test_python_dash_m_convert_runs(published_dirs, tmp_path):

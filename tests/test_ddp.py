@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.helpers import muse_main
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,11 +37,10 @@ def test_two_processes_train_the_same_weights_as_one_with_the_same_global_batch(
         "--cond_dropout_prob", "0.3", "--max_grad_norm", "1.0", "--seed", "0", "--checkpointing_steps", "100",
         "--device", "cpu",
     ]
-    from train.cli import main  # the one-process run in this process (saves an interpreter start)
-
     torch.set_num_threads(1)
     try:
-        assert main(common + ["--train_batch_size", "4", "--output_dir", str(tmp_path / "one")]) == 0
+        # the one-process run in this process, through the console script's entry point (saves an interpreter start)
+        assert muse_main(["train", *common, "--train_batch_size", "4", "--output_dir", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]

@@ -1,18 +1,17 @@
-"""`python -m train` takes the reference script's flags and runs the published recipes end to end on a tiny published
+"""`muse train` (alias `python -m train`) takes the reference script's flags and runs the published recipes end to end on a tiny published
 folder (LoRA, checkpoints, validation images, wandb offline, the style recipe's resume), and
 `python -m train.generate_images` generates from a base model plus the trained adapters."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import muse_main, run_muse
 from train import checkpoint
 from train.cli import config_from_args, parser
 
@@ -54,18 +53,8 @@ def test_recipe_flags_parse_into_the_config():
         config_from_args(["--pretrained_model_name_or_path", "x", "--text_encoder_use_lora"])
 
 
-def run(module: str, args: list[str], **env) -> subprocess.CompletedProcess:
-    """The command in a fresh process, exactly as a user types it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def run_here(module: str, args: list[str]) -> None:
-    """The same command's main() in this process (no new interpreter to start: the import time dominates here)."""
-    import importlib
-
+    """A module's main() in this process (no new interpreter to start: the import time dominates here)."""
     assert importlib.import_module(module).main(args) == 0
 
 
@@ -86,7 +75,7 @@ def test_style_recipe_end_to_end(tmp_path, published_dirs):
         "--device", "cpu", "--seed", "0",
     ]
     step1 = ["--instance_data_image", str(image), "--max_train_steps", "2", "--report_to", "wandb"]
-    run("train", common + step1, WANDB_MODE="offline")
+    run_muse(["train", *common, *step1], WANDB_MODE="offline")
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora.safetensors").is_file()
     assert (out / "validation/step-2/00.png").is_file()
     assert list((out / "logs").glob("wandb/offline-run-*"))  # wandb ran offline
@@ -103,7 +92,7 @@ def test_style_recipe_end_to_end(tmp_path, published_dirs):
     folder.mkdir()
     for p in candidates.iterdir():
         p.rename(folder / p.name)
-    run_here("train.cli", common + ["--instance_data_dir", str(folder), "--resume_from", "latest", "--max_train_steps", "4"])
+    assert muse_main(["train", *common, "--instance_data_dir", str(folder), "--resume_from", "latest", "--max_train_steps", "4"]) == 0
     assert "resumed from" in (out / "logs/train.log").read_text()
     assert [s for s, _ in checkpoint.checkpoints(out)] == [4]  # at most 1 kept
 
@@ -115,8 +104,8 @@ def test_generate_images_with_a_fully_trained_transformer(tmp_path, published_di
     images.mkdir()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / "a cube.png")
     out = tmp_path / "out"
-    run_here("train.cli", ["--pretrained_model_name_or_path", base, "--instance_data_dir", str(images), "--resolution", "32",
-                  "--train_batch_size", "1", "--max_train_steps", "1", "--output_dir", str(out), "--device", "cpu"])
+    assert muse_main(["train", "--pretrained_model_name_or_path", base, "--instance_data_dir", str(images), "--resolution", "32",
+                  "--train_batch_size", "1", "--max_train_steps", "1", "--output_dir", str(out), "--device", "cpu"]) == 0
     assert (out / "transformer/config.json").is_file()
     run_here("train.generate_images", ["--pretrained_model_name_or_path", base, "--write_images_to", str(tmp_path / "gen"),
                                   "--load_transformer_from", str(out), "--device", "cpu", "--num_inference_steps", "2",
