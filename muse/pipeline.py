@@ -75,6 +75,7 @@ class SamplingOptions:
         steps start <= i < end of the N steps (0 <= start <= end <= N). The other steps run the U-ViT on the B
         conditional rows alone instead of 2B rows (no unconditional pass): a text-to-image call of B images saves
         B x (N - (end - start)) U-ViT rows; image to image and inpainting save B per step they run outside it.
+        Without guidance (guidance_scale <= 1) every step is conditional only and the interval changes nothing.
     mask_count_base: 'sequence' = masked counts are a fraction of the whole token grid (the reference), 'masked' =
         a fraction of each image's tokens masked at the start.
     progress_bar: show a tqdm bar over the steps.

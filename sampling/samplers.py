@@ -2,19 +2,19 @@
 
 Every step first draws a code for each masked position (`draw_tokens`) and computes how many positions must be
 masked after the step (`scheduled_count`, the masking schedule's count). A sampler then chooses those positions.
-It sees a `StepView` (the probability of each position's token, which positions were masked before the step, the
-count, the step index, the step's re-masking temperature and the generator) and a per-call state it created in
-`start` (e.g. a spatial order); it returns a (B, L) bool mask and its next state. Samplers are frozen dataclasses
-holding their parameters; `SAMPLERS` names them and `make_sampler` builds one from a name.
+It sees a `StepView` (the step's token distribution, the probability of each position's token, which positions
+were masked before the step, the count, the step index, the step's re-masking temperature and the generator) and
+the per-call state it made in `start` (e.g. a spatial order); it returns a (B, L) bool mask and its next state.
+Samplers are frozen dataclasses holding their parameters; `SAMPLERS` names them, `make_sampler` builds one.
 
 What every sampler guarantees, after every step but the last (the last reveals everything and asks no sampler):
   - the masked positions lie inside the call's editable set: the positions masked when the call started (so in
-    inpainting the tokens outside the mask, and in image to image the tokens not noised, never change);
+    inpainting the tokens outside the mask, and in image to image the tokens the noising left, never change);
   - `halton`, `random`, `remask`: exactly `count` positions are masked;
-    `confidence`: `count` positions, fewer only when confidences tie at the cut (the reference's rule; with Gumbel
-    noise at a temperature > 0 a tie has probability 0);
+    `confidence`: `count` positions, fewer only when confidences tie at the cut (the reference's rule; with
+    continuous Gumbel noise a tie needs two equal rounded values, likelier in half precision than in fp32);
   - `confidence`, `halton`, `random` keep every token known before the step; `remask` may mask again tokens decoded
-    at earlier steps of this call (its purpose), never any other.
+    at earlier steps of this call (its purpose), never any other, and never turns a token into another code.
 
 Random numbers: the draw of the codes comes first at every step (all samplers), then the sampler's own: one
 uniform per position for `confidence` (Gumbel noise, the reference's order), `random` and `remask` (which draws
@@ -47,6 +47,7 @@ from .step import (
 class StepView(NamedTuple):
     """What a sampler sees at one step (not the last)."""
 
+    probs: torch.Tensor  # (B, L, K) this step's token distribution (softmax of the guided logits / temperature)
     token_probs: torch.Tensor  # (B, L) probability of each position's token under this step's distribution
     unknown: torch.Tensor  # (B, L) bool: masked before this step
     count: torch.Tensor  # (B, 1) long: how many positions must be masked after it (>= 1)
@@ -388,6 +389,6 @@ def sample_step(
         return StepResult(predicted, predicted, state)
     count = scheduled_count(unknown, step, num_steps, schedule, starting_mask_ratio, num_tokens)  # (B, 1)
     token_probs = probs.gather(-1, predicted[..., None])[..., 0]  # (B, L)
-    view = StepView(token_probs, unknown, count, step, num_steps, remask_temperature, generator)
+    view = StepView(probs, token_probs, unknown, count, step, num_steps, remask_temperature, generator)
     masked, state = sampler.select(view, state)
     return StepResult(torch.where(masked, mask_token_id, predicted), predicted, state)

@@ -249,7 +249,8 @@ def test_plain_halton_is_independent_of_the_confidence():
 
 
 def view(token_probs, unknown, count, generator, step=3, temperature=1.0):
-    return sampling.StepView(token_probs, unknown, count, step, N, temperature, generator)
+    probs = torch.full((*token_probs.shape, K), 1 / K)  # not read by these samplers
+    return sampling.StepView(probs, token_probs, unknown, count, step, N, temperature, generator)
 
 
 def test_random_order_ignores_the_confidence():
