@@ -181,8 +181,9 @@ class HaltonSampler(Sampler):
     over the image and far from each other. Of the positions masked before a step, the `count` latest in the order
     stay masked; from an all-masked grid, step i reveals the order's first L - count_i positions.
 
-    Halton-MaskGIT decides the tokens per step with its own arccos schedule; here the count is the masking
-    schedule's, as for every sampler.
+    Halton-MaskGIT reveals int(L * (1 - arccos(r) / (pi / 2))) tokens by progress r (at least one more per step),
+    its own arccos schedule; here the count is the masking schedule's, as for every sampler (masking_schedule=
+    "arccos" comes closest to Halton-MaskGIT's).
 
     random_offset: rotate each image's order by an offset uniform in [0, L), drawn once per call from that image's
         generator before the first step (Halton-MaskGIT's `randomize`, a cyclic shift of the sequence); off: every
@@ -213,8 +214,8 @@ class HaltonSampler(Sampler):
 
 @dataclass(frozen=True)
 class RandomSampler(Sampler):
-    """A uniformly random order, independent of the model (the MaskGIT paper's "random" baseline of its ordering
-    ablation): of the positions masked before a step, `count` chosen uniformly at random stay masked (the lowest
+    """A uniformly random order, independent of the model (the random-order baseline of MaskGIT-style decoding,
+    against which confidence and Halton orders are compared): of the positions masked before a step, `count` chosen uniformly at random stay masked (the lowest
     of one uniform draw per position). Choosing uniformly at each step is the same as following one uniformly random
     permutation of the grid. No parameters."""
 
