@@ -69,7 +69,9 @@ def keep_lowest(
     candidates (all of them otherwise); equal scores are ordered by position, so the count never depends on ties."""
     scores = scores.float().masked_fill(~candidates, math.inf)
     order = torch.argsort(scores, dim=-1, stable=True)  # (B, L) positions, lowest score first
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     return (rank < count) & candidates
 
 
@@ -88,7 +90,9 @@ class Sampler:
     def check(self, num_steps: int) -> None:
         pass
 
-    def start(self, tokens: torch.Tensor, grid: tuple[int, int], mask_token_id: int, generator: Generators = None) -> Any:
+    def start(
+        self, tokens: torch.Tensor, grid: tuple[int, int], mask_token_id: int, generator: Generators = None
+    ) -> Any:
         return None
 
     def select(self, view: StepView, state: Any) -> tuple[torch.Tensor, Any]:
@@ -137,7 +141,8 @@ def _halton_order(h: int, w: int) -> tuple[int, ...]:
         n = torch.arange(1, n_points + 1, dtype=torch.int64)
         x, dx = radical_inverse(n, 2)
         y, dy = radical_inverse(n, 3)
-        cells = (x * h // dx) * w + (y * w // dy)  # (n_points,) flat cell of each point: row from base 2, column from base 3
+        # (n_points,) the flat cell of each point: its row from base 2, its column from base 3
+        cells = (x * h // dx) * w + (y * w // dy)
         first = torch.full((L,), n_points, dtype=torch.int64).scatter_reduce_(0, cells, n - 1, reduce="amin")
         if bool((first < n_points).all()):
             return tuple(torch.argsort(first).tolist())  # cells by first visit (the first visits are distinct)
@@ -196,7 +201,9 @@ class HaltonSampler(Sampler):
         if not isinstance(self.random_offset, bool):
             raise TypeError(f"random_offset must be True or False, got {self.random_offset!r}")
 
-    def start(self, tokens: torch.Tensor, grid: tuple[int, int], mask_token_id: int, generator: Generators = None) -> torch.Tensor:
+    def start(
+        self, tokens: torch.Tensor, grid: tuple[int, int], mask_token_id: int, generator: Generators = None
+    ) -> torch.Tensor:
         B, L = tokens.shape
         order = halton_order(*grid)  # (L,)
         if self.random_offset:
@@ -284,7 +291,12 @@ class RemaskSampler(Sampler):
     name: ClassVar[str] = "remask"
 
     def __post_init__(self):
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) or not 0 <= self.eta <= 1:
+        if (
+            isinstance(self.eta, bool)
+            or not isinstance(self.eta, (int, float))
+            or not math.isfinite(self.eta)
+            or not 0 <= self.eta <= 1
+        ):
             raise ValueError(f"remask eta must be a finite number in [0, 1], got {self.eta!r}")
         if self.strategy not in REMASK_STRATEGIES:
             raise ValueError(f"unknown remask strategy {self.strategy!r}; choose one of {', '.join(REMASK_STRATEGIES)}")
@@ -300,7 +312,9 @@ class RemaskSampler(Sampler):
     def active(self, step: int) -> bool:
         return self.steps is None or self.steps[0] <= step < self.steps[1]
 
-    def start(self, tokens: torch.Tensor, grid: tuple[int, int], mask_token_id: int, generator: Generators = None) -> RemaskState:
+    def start(
+        self, tokens: torch.Tensor, grid: tuple[int, int], mask_token_id: int, generator: Generators = None
+    ) -> RemaskState:
         editable = tokens == mask_token_id  # (B, L)
         return RemaskState(editable, torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device))
 

@@ -167,7 +167,7 @@ class GuidanceSchedule:
         return (1 - math.cos(math.pi * r**self.exponent)) / 2
 
 
-GuidanceScheduleLike = Union[str, GuidanceSchedule]
+GuidanceScheduleLike = str | GuidanceSchedule
 
 
 def guidance_scales(num_steps: int, scale: float, schedule: GuidanceScheduleLike = "constant") -> list[float]:

@@ -93,8 +93,16 @@ def test_inpainting_never_changes_tokens_outside_the_mask(pipe, name):
     outside = torch.ones(8, 8, dtype=torch.bool)
     outside[2:6, 1:5] = False  # the mask's tokens (4 px per token)
     seen = Steps()
-    out = pipe.inpaint("a ball", image, rect_mask(8, 4, 24, 20), sampler=SAMPLERS[name], generator=gen(0),
-                       callback=seen, num_images_per_prompt=2, **COMMON)
+    out = pipe.inpaint(
+        "a ball",
+        image,
+        rect_mask(8, 4, 24, 20),
+        sampler=SAMPLERS[name],
+        generator=gen(0),
+        callback=seen,
+        num_images_per_prompt=2,
+        **COMMON,
+    )
     for step in seen.tokens:  # after every step, not only at the end
         assert all(torch.equal(t[outside], tokens[outside]) for t in step)
     assert not (out == pipe.mask_token_id).any() and not torch.equal(out[0][~outside], tokens[~outside])
@@ -104,8 +112,9 @@ def test_inpainting_never_changes_tokens_outside_the_mask(pipe, name):
 def test_img2img_never_changes_the_tokens_it_did_not_mask(pipe, name):
     seen = Steps()
     with Rows(pipe.transformer) as spy:
-        out = pipe.img2img("a cat", picture(1), strength=0.6, sampler=SAMPLERS[name], generator=gen(1), callback=seen,
-                           **COMMON)
+        out = pipe.img2img(
+            "a cat", picture(1), strength=0.6, sampler=SAMPLERS[name], generator=gen(1), callback=seen, **COMMON
+        )
     start = spy.first[1:]  # the conditional row (rows are [unconditional; conditional])
     known = start != pipe.mask_token_id
     assert known.any() and (~known).any()
@@ -180,7 +189,9 @@ def test_the_conditional_rows_of_the_prepared_conditioning_are_the_conditional_p
     assert sliced.batch_size == B
     alone = uvit.prepare(text[B:], pooled[B:], micro[B:])
     with torch.no_grad():
-        torch.testing.assert_close(uvit.forward_prepared(ids, sliced), uvit.forward_prepared(ids, alone), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            uvit.forward_prepared(ids, sliced), uvit.forward_prepared(ids, alone), rtol=1e-5, atol=1e-5
+        )
 
 
 # --- the other options ---------------------------------------------------------------------------------------------
@@ -206,7 +217,10 @@ def test_a_constant_temperature_pair_is_that_temperature(pipe):
 
 
 BAD = {
-    "unknown sampler": (dict(sampler="maskgit"), "unknown sampler 'maskgit'; choose one of confidence, halton, random, remask"),
+    "unknown sampler": (
+        dict(sampler="maskgit"),
+        "unknown sampler 'maskgit'; choose one of confidence, halton, random, remask",
+    ),
     "sampler of the wrong type": (dict(sampler=3), "sampler"),
     "interval past the steps": (dict(guidance_interval=(1, STEPS + 1)), r"inside \[0, 5\]"),
     "interval reversed": (dict(guidance_interval=(3, 1)), "start <= end"),

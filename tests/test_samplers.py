@@ -60,8 +60,16 @@ def decode(sampler, tokens, generator, logit_seed=0, num_tokens=None):
     for i in range(N):
         logits = torch.randn(tokens.shape[0], L, K, generator=g) * 2
         tokens, predicted, state = sampling.sample_step(
-            logits, tokens, i, N, sampler=sampler, state=state, mask_token_id=MASK_ID, remask_temperature=temps[i],
-            generator=generator, num_tokens=num_tokens,
+            logits,
+            tokens,
+            i,
+            N,
+            sampler=sampler,
+            state=state,
+            mask_token_id=MASK_ID,
+            remask_temperature=temps[i],
+            generator=generator,
+            num_tokens=num_tokens,
         )
         history.append(tokens)
     return history
@@ -76,7 +84,9 @@ def test_every_sampler_leaves_the_scheduled_count_masked_and_none_at_the_end(nam
     tokens = start_tokens(kind)
     # a count that is a fraction of each image's masked region (the pipeline's mask_count_base="masked")
     region = (tokens == MASK_ID).sum(-1, keepdim=True)
-    history = decode(SAMPLERS[name], tokens, torch.Generator().manual_seed(1), num_tokens=region if kind == "region" else None)
+    history = decode(
+        SAMPLERS[name], tokens, torch.Generator().manual_seed(1), num_tokens=region if kind == "region" else None
+    )
     before = (tokens == MASK_ID).sum(-1).tolist()
     for i, after_tokens in enumerate(history[:-1]):
         after = (after_tokens == MASK_ID).sum(-1).tolist()
@@ -135,8 +145,17 @@ def decode_row(sampler, tokens, b, generator, logit_seed=0):
     state = sampler.start(row, GRID, MASK_ID, generator)
     for i in range(N):
         logits = (torch.randn(tokens.shape[0], L, K, generator=g) * 2)[b : b + 1]
-        row, _, state = sampling.sample_step(logits, row, i, N, sampler=sampler, state=state, mask_token_id=MASK_ID,
-                                             remask_temperature=temps[i], generator=generator)
+        row, _, state = sampling.sample_step(
+            logits,
+            row,
+            i,
+            N,
+            sampler=sampler,
+            state=state,
+            mask_token_id=MASK_ID,
+            remask_temperature=temps[i],
+            generator=generator,
+        )
     return row[0]
 
 
@@ -150,10 +169,20 @@ def test_confidence_sample_step_is_decode_step(step):
     tokens = start_tokens("region")
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     temp = sampling.remask_temperatures(N)[step]
-    ours = sampling.sample_step(logits, tokens, step, N, sampler=ConfidenceSampler(), state=None, mask_token_id=MASK_ID,
-                                remask_temperature=temp, generator=g1)
-    reference, predicted = sampling.decode_step(logits, tokens, step, N, mask_token_id=MASK_ID, remask_temperature=temp,
-                                                generator=g2)
+    ours = sampling.sample_step(
+        logits,
+        tokens,
+        step,
+        N,
+        sampler=ConfidenceSampler(),
+        state=None,
+        mask_token_id=MASK_ID,
+        remask_temperature=temp,
+        generator=g1,
+    )
+    reference, predicted = sampling.decode_step(
+        logits, tokens, step, N, mask_token_id=MASK_ID, remask_temperature=temp, generator=g2
+    )
     assert torch.equal(ours.tokens, reference) and torch.equal(ours.predicted, predicted)
     assert torch.equal(g1.get_state(), g2.get_state())
 
@@ -192,11 +221,13 @@ def halton_order_by_hand(h: int, w: int) -> list[int]:
 def test_radical_inverse_known_values():
     n = torch.arange(1, 9)
     num, den = sampling.radical_inverse(n, 2)
-    assert [Fraction(int(a), den) for a in num] == [Fraction(*f) for f in
-                                                    [(1, 2), (1, 4), (3, 4), (1, 8), (5, 8), (3, 8), (7, 8), (1, 16)]]
+    assert [Fraction(int(a), den) for a in num] == [
+        Fraction(*f) for f in [(1, 2), (1, 4), (3, 4), (1, 8), (5, 8), (3, 8), (7, 8), (1, 16)]
+    ]
     num, den = sampling.radical_inverse(n, 3)
-    assert [Fraction(int(a), den) for a in num] == [Fraction(*f) for f in
-                                                    [(1, 3), (2, 3), (1, 9), (4, 9), (7, 9), (2, 9), (5, 9), (8, 9)]]
+    assert [Fraction(int(a), den) for a in num] == [
+        Fraction(*f) for f in [(1, 3), (2, 3), (1, 9), (4, 9), (7, 9), (2, 9), (5, 9), (8, 9)]
+    ]
     assert all(radical_inverse_by_hand(int(k), 3) == Fraction(int(a), den) for k, a in zip(n, num))
 
 
@@ -226,7 +257,9 @@ def test_halton_offset_rotates_each_image_order_by_an_offset_from_its_generator(
     tokens = start_tokens("all-masked", batch=2)
     order = sampling.halton_order(*GRID)
     seeds = (3, 5)  # offsets 10 and 35 of 48
-    ranks = HaltonSampler(random_offset=True).start(tokens, GRID, MASK_ID, [torch.Generator().manual_seed(s) for s in seeds])
+    ranks = HaltonSampler(random_offset=True).start(
+        tokens, GRID, MASK_ID, [torch.Generator().manual_seed(s) for s in seeds]
+    )
     for b, seed in enumerate(seeds):
         offset = int(torch.randint(L, (1,), generator=torch.Generator().manual_seed(seed)))
         rotated = torch.roll(order, offset)  # the sequence shifted cyclically: position order[j] comes at j + offset
@@ -268,7 +301,9 @@ def test_random_order_is_uniform_over_positions():
     count = torch.tensor([[12]])
     g = torch.Generator().manual_seed(0)
     trials = 2000
-    hits = sum(RandomSampler().select(view(torch.rand(1, L), unknown, count, g), None)[0][0].float() for _ in range(trials))
+    hits = sum(
+        RandomSampler().select(view(torch.rand(1, L), unknown, count, g), None)[0][0].float() for _ in range(trials)
+    )
     p = 12 / L  # each position stays masked with probability count / L
     sd = math.sqrt(p * (1 - p) / trials)
     assert bool(((hits / trials - p).abs() < 5 * sd).all())
@@ -302,8 +337,9 @@ def test_remask_masks_the_scheduled_number_of_lowest_confidence_decoded_tokens()
     state = sampling.RemaskState(editable, confidence)
     count = torch.tensor([[6]])
     sampler = RemaskSampler(eta=0.1)  # r = floor(min(0.1, 6 / 30) * 30) = 3
-    masked, new_state = sampler.select(view(torch.rand(B, L), unknown, count, torch.Generator().manual_seed(0),
-                                            temperature=0.0), state)
+    masked, new_state = sampler.select(
+        view(torch.rand(B, L), unknown, count, torch.Generator().manual_seed(0), temperature=0.0), state
+    )
     assert int(masked.sum()) == 6
     assert masked[0, 37:40].all() and int(masked[0, 10:40].sum()) == 3 and not masked[0, 40:].any()
     assert int(masked[0, :10].sum()) == 3
@@ -377,7 +413,9 @@ def test_a_larger_power_cosine_exponent_delays_guidance():
     assert all(h < lo for h, lo in zip(high[:-1], low[:-1]))
 
 
-@pytest.mark.parametrize("bad", ["power-cosine:0", "power-cosine:-2", "power-cosine:inf", "power-cosine:x", "cosine:2", "exp"])
+@pytest.mark.parametrize(
+    "bad", ["power-cosine:0", "power-cosine:-2", "power-cosine:inf", "power-cosine:x", "cosine:2", "exp"]
+)
 def test_bad_guidance_schedules_are_refused(bad):
     with pytest.raises(ValueError, match="guidance schedule"):
         sampling.GuidanceSchedule.parse(bad)
