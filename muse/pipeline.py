@@ -3,7 +3,7 @@
     prompt -> CLIP text tower -> TextConditioning (B, D) + (B, 77, D)
     start tokens (B, h, w): all masked (text to image) / VQ tokens of the image, partly masked (image to image,
     inpainting)
-    for each step: U-ViT logits (2B, h, w, K) -> guidance -> sampling.decode_step -> tokens
+    for each step: U-ViT logits (2B, h, w, K) -> guidance -> sampling.sample_step (the chosen sampler) -> tokens
     tokens -> VQ-GAN decode -> pixels in [0, 1]
 
 With default arguments every call computes what diffusers' AmusedPipeline / AmusedImg2ImgPipeline /
@@ -20,6 +20,7 @@ follow those pipelines. Where the reference is defective we differ, and say so:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,20 @@ class SamplingOptions:
     Knobs beyond the reference (defaults reproduce it):
     masking_schedule: None = the pipeline's (cosine; linear for inpainting), or 'cosine', 'linear', 'arccos',
         'power', 'power:<exponent>', a sampling.MaskingSchedule.
-    sampling_temperature: divides the logits before each token draw (1 = the reference).
-    guidance_schedule: 'constant' (the reference), 'linear' or 'cosine' ramps up to guidance_scale.
+    sampler: which positions stay masked after each step: 'confidence' (the reference), 'halton', 'random',
+        'remask', or a sampling.Sampler with parameters (e.g. sampling.HaltonSampler(random_offset=True),
+        sampling.RemaskSampler(eta=0.2, steps=(2, 10))); see sampling.samplers for what each guarantees. Every
+        sampler leaves the scheduled number of tokens masked and never changes a token that was known when the call
+        started (only 'remask' masks again tokens decoded during the call).
+    sampling_temperature: divides the logits before each token draw (1 = the reference); a (start, end) pair is
+        annealed linearly from step 0 to step N - 1 (sampling.token_temperatures).
+    guidance_schedule: 'constant' (the reference), 'linear', 'cosine', 'power-cosine' or 'power-cosine:<exponent>'
+        (MaskBit's, exponent 3 by default) ramps up to guidance_scale, or a sampling.GuidanceSchedule.
+    guidance_interval: None = guidance at every step (the reference); (start, end) = guidance only at the 0-based
+        steps start <= i < end of the N steps (0 <= start <= end <= N). The other steps run the U-ViT on the B
+        conditional rows alone instead of 2B rows (no unconditional pass): a text-to-image call of B images saves
+        B x (N - (end - start)) U-ViT rows; image to image and inpainting save B per step they run outside it.
+        Without guidance (guidance_scale <= 1) every step is conditional only and the interval changes nothing.
     mask_count_base: 'sequence' = masked counts are a fraction of the whole token grid (the reference), 'masked' =
         a fraction of each image's tokens masked at the start.
     progress_bar: show a tqdm bar over the steps.
@@ -84,8 +97,10 @@ class SamplingOptions:
     negative_prompt_embeds: torch.Tensor | None = None
     negative_encoder_hidden_states: torch.Tensor | None = None
     masking_schedule: ScheduleLike | None = None
-    sampling_temperature: float = 1.0
-    guidance_schedule: str = "constant"
+    sampler: str | sampling.Sampler = "confidence"
+    sampling_temperature: float | tuple[float, float] = 1.0
+    guidance_schedule: str | sampling.GuidanceSchedule = "constant"
+    guidance_interval: tuple[int, int] | None = None
     mask_count_base: str = "sequence"
     progress_bar: bool = True
 
@@ -106,12 +121,21 @@ class SamplingOptions:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         if self.callback_steps < 1:
             raise ValueError(f"callback_steps must be >= 1, got {self.callback_steps}")
-        if not self.sampling_temperature > 0:
-            raise ValueError(f"sampling_temperature must be > 0, got {self.sampling_temperature}")
-        if self.guidance_schedule not in sampling.GUIDANCE_SCHEDULES:
+        self._check_sampling_temperature()
+        try:
+            sampling.GuidanceSchedule.parse(self.guidance_schedule)
+        except (TypeError, ValueError) as e:
             raise ValueError(
-                f"guidance_schedule must be one of {', '.join(sampling.GUIDANCE_SCHEDULES)}, got {self.guidance_schedule!r}"
-            )
+                f"guidance_schedule must be one of {', '.join(sampling.GUIDANCE_SCHEDULES)} (or 'power-cosine:<exponent>'), "
+                f"got {self.guidance_schedule!r}: {e}"
+            ) from None
+        if self.guidance_interval is not None:
+            self.guidance_interval = sampling.check_interval(self.guidance_interval, "guidance_interval", self.num_inference_steps)
+        try:
+            self.sampler = sampling.make_sampler(self.sampler)
+        except TypeError as e:
+            raise ValueError(f"sampler: {e}") from None
+        self.sampler.check(self.num_inference_steps)
         if self.mask_count_base not in MASK_COUNT_BASES:
             raise ValueError(f"mask_count_base must be one of {', '.join(MASK_COUNT_BASES)}, got {self.mask_count_base!r}")
         if self.masking_schedule is not None:
@@ -120,9 +144,28 @@ class SamplingOptions:
             if (getattr(self, a) is None) != (getattr(self, b) is None):
                 raise ValueError(f"pass both `{a}` and `{b}`, or neither")
 
+    def _check_sampling_temperature(self):
+        t = self.sampling_temperature
+        values = t if isinstance(t, (tuple, list)) else (t,)
+        if isinstance(t, (tuple, list)) and len(t) != 2:
+            raise ValueError(f"sampling_temperature must be a number or a (start, end) pair, got {t!r}")
+        for v in values:
+            try:
+                ok = not isinstance(v, bool) and math.isfinite(float(v)) and float(v) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"sampling_temperature must be finite and > 0 (a number or a (start, end) pair), got {t!r}")
+
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
+
+    def guided_at(self, step: int) -> bool:
+        """Whether step `step` (0-based) computes the unconditional rows and applies guidance."""
+        if not self.guided:
+            return False
+        return self.guidance_interval is None or self.guidance_interval[0] <= step < self.guidance_interval[1]
 
 
 @dataclass
@@ -435,7 +478,9 @@ class Pipeline:
         return images.view(ImageArray) if output_type == "np" else to_pil(images)
 
     def _decode(self, start: _Start, cond: TextConditioning, size: tuple[int, int], opts: SamplingOptions) -> torch.Tensor:
-        """The decoding loop: tokens (B, h, w) -> fully decoded tokens (B, h, w)."""
+        """The decoding loop: tokens (B, h, w) -> fully decoded tokens (B, h, w). A guided step runs the U-ViT on 2B
+        rows ([unconditional; conditional]); a step outside `guidance_interval` (or any step without guidance) on the
+        B conditional rows."""
         tokens = start.tokens
         B, h, w = tokens.shape
         N, device = opts.num_inference_steps, self.device
@@ -455,32 +500,52 @@ class Pipeline:
         forward = self.transformer.forward_prepared if self._transformer_forward is None else self._transformer_forward
 
         remask_temperatures = sampling.remask_temperatures(N, opts.temperature, device=device)
+        token_temperatures = sampling.token_temperatures(N, opts.sampling_temperature)
         scales = sampling.guidance_scales(N, opts.guidance_scale, opts.guidance_schedule)
         ratio, num_tokens = start.starting_mask_ratio, None
         if opts.mask_count_base == "masked":
             # a fraction of each image's initially masked tokens, rescaled so the count at the start is all of them
             num_tokens = (tokens == self.mask_token_id).sum(dim=(1, 2))[:, None]
             ratio = 1.0 / sampling.mask_ratio(start.schedule, start.first_step - 1, N, device=device)
+        steps = range(start.first_step, N)
+        # steps outside the guidance interval run the conditional rows [B:] only, with their slice of `prepared`
+        conditional = _rows(prepared, slice(B, None)) if any(opts.guided and not opts.guided_at(i) for i in steps) else None
+        sampler = opts.sampler
+        state = sampler.start(tokens.reshape(B, h * w), (h, w), self.mask_token_id, opts.generator)
 
-        for i in tqdm(range(start.first_step, N), desc="decoding", disable=not opts.progress_bar):
-            model_input = torch.cat([tokens, tokens]) if opts.guided else tokens  # (rows, h, w)
-            logits = forward(model_input, prepared)  # (rows, h, w, K)
-            if opts.guided:
+        for i in tqdm(steps, desc="decoding", disable=not opts.progress_bar):
+            if opts.guided_at(i):
+                logits = forward(torch.cat([tokens, tokens]), prepared)  # (2B, h, w, K)
                 logits = sampling.classifier_free_guidance(logits, scales[i])  # (B, h, w, K)
-            flat, _ = sampling.decode_step(
+            else:
+                logits = forward(tokens, conditional if opts.guided else prepared)  # (B, h, w, K)
+            flat, _, state = sampling.sample_step(
                 logits.reshape(B, h * w, -1),
                 tokens.reshape(B, h * w),
                 i,
                 N,
+                sampler=sampler,
+                state=state,
                 mask_token_id=self.mask_token_id,
                 schedule=start.schedule,
                 remask_temperature=remask_temperatures[i],
                 generator=opts.generator,
                 starting_mask_ratio=ratio,
                 num_tokens=num_tokens,
-                sampling_temperature=opts.sampling_temperature,
+                sampling_temperature=token_temperatures[i],
             )
             tokens = flat.view(B, h, w)
             if opts.callback is not None and i % opts.callback_steps == 0:
                 opts.callback(i, N - 1 - i, tokens)
         return tokens
+
+
+def _rows(tree, rows: slice):
+    """The same rows of every tensor in a nest of (named) tuples, such as a uvit.Conditioning (every tensor's first
+    dimension is the batch): a view, nothing is recomputed."""
+    if isinstance(tree, torch.Tensor):
+        return tree[rows]
+    if isinstance(tree, tuple):
+        parts = [_rows(t, rows) for t in tree]
+        return type(tree)(*parts) if hasattr(tree, "_fields") else tuple(parts)
+    return tree

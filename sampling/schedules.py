@@ -1,5 +1,5 @@
 """Schedules of MaskGIT-style decoding: how many tokens stay masked after each step, the re-masking temperature of
-each step, and the classifier-free guidance scale of each step.
+each step, the sampling (token) temperature of each step, and the classifier-free guidance scale of each step.
 
 Step `i` of `N` (0-based) has progress r = (i + 1) / N. A masking schedule maps r in [0, 1] to the fraction of
 tokens still masked after that step: 1 at r = 0, 0 at r = 1.
@@ -110,22 +110,88 @@ def remask_temperatures(
     return torch.linspace(temperature, 0.01, num_steps, device=device)
 
 
-GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine", "power-cosine")
 
 
-def guidance_scales(num_steps: int, scale: float, schedule: str = "constant") -> list[float]:
-    """Classifier-free guidance scale of every step (Python floats, so the loop never syncs with the device).
+@dataclass(frozen=True)
+class GuidanceSchedule:
+    """How the classifier-free guidance scale changes over the steps: step i of N uses 1 + (scale - 1) * w(r) with
+    r = (i + 1) / N, so every ramp reaches `scale` at the last step.
 
-    "constant" uses `scale` at every step (the reference). "linear" and "cosine" ramp from no guidance (1) towards
-    `scale` as decoding progresses, reaching it at the last step: 1 + (scale - 1) * w with w = r or 1 - cos(r pi/2),
-    r = (step + 1) / N (the MUSE paper's observation: strong guidance early hurts diversity)."""
-    if schedule not in GUIDANCE_SCHEDULES:
-        raise ValueError(f"unknown guidance schedule {schedule!r}; choose one of {', '.join(GUIDANCE_SCHEDULES)}")
-    if schedule == "constant":
+    - "constant": w = 1 at every step (the reference)
+    - "linear": w = r
+    - "cosine": w = 1 - cos(r * pi / 2)
+    - "power-cosine": w = (1 - cos(pi * r ** exponent)) / 2, MaskBit's guidance annealing (Weber et al. 2024,
+      "MaskBit: Embedding-free Image Generation via Bit Tokens", github.com/markweberdev/maskbit). It stays near no
+      guidance for longer the larger the exponent, then rises steeply. MaskBit measures progress as i / N (so its
+      first step is unguided and its last not fully guided) and writes guidance as cond + s * (cond - uncond);
+      here progress is (i + 1) / N, as for the other ramps, and the scale is ours (1 = no guidance). The default
+      exponent 3 is the one of MaskBit's published 14-bit generator configuration.
+
+    The MUSE paper's observation motivates the ramps: strong guidance early costs diversity."""
+
+    name: str = "constant"
+    exponent: float = 3.0  # used by "power-cosine" only
+
+    def __post_init__(self):
+        if self.name not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"unknown guidance schedule {self.name!r}; choose one of {', '.join(GUIDANCE_SCHEDULES)}")
+        if self.name == "power-cosine" and not (math.isfinite(self.exponent) and self.exponent > 0):
+            raise ValueError(f"the power-cosine guidance schedule needs a finite exponent > 0, got {self.exponent}")
+
+    @classmethod
+    def parse(cls, spec: "GuidanceScheduleLike") -> "GuidanceSchedule":
+        """'constant', 'linear', 'cosine', 'power-cosine' (exponent 3), 'power-cosine:2.5', or a GuidanceSchedule."""
+        if isinstance(spec, GuidanceSchedule):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"a guidance schedule is a name or a GuidanceSchedule, got {type(spec).__name__}")
+        name, _, exponent = spec.partition(":")
+        if exponent:
+            if name != "power-cosine":
+                raise ValueError(f"only the power-cosine guidance schedule takes an exponent, got {spec!r}")
+            try:
+                return cls(name, float(exponent))
+            except ValueError as e:
+                raise ValueError(f"bad guidance schedule {spec!r}: {e}") from None
+        return cls(name)
+
+    def weight(self, r: float) -> float:
+        """w(r) in [0, 1]: 0 is no guidance, 1 the full scale."""
+        if self.name == "constant":
+            return 1.0
+        if self.name == "linear":
+            return r
+        if self.name == "cosine":
+            return 1 - math.cos(r * math.pi / 2)
+        return (1 - math.cos(math.pi * r**self.exponent)) / 2
+
+
+GuidanceScheduleLike = str | GuidanceSchedule
+
+
+def guidance_scales(num_steps: int, scale: float, schedule: GuidanceScheduleLike = "constant") -> list[float]:
+    """Classifier-free guidance scale of every step (Python floats, so the loop never syncs with the device); see
+    `GuidanceSchedule` for the ramps. "constant" uses `scale` at every step (the reference)."""
+    schedule = GuidanceSchedule.parse(schedule)
+    if schedule.name == "constant":
         return [float(scale)] * num_steps
-    scales = []
-    for i in range(num_steps):
-        r = (i + 1) / num_steps
-        w = r if schedule == "linear" else 1 - math.cos(r * math.pi / 2)
-        scales.append(1 + (scale - 1) * w)
-    return scales
+    return [1 + (scale - 1) * schedule.weight((i + 1) / num_steps) for i in range(num_steps)]
+
+
+def token_temperatures(num_steps: int, temperature: float | Sequence[float] = 1.0) -> list[float]:
+    """Sampling (token) temperature of every step, dividing the logits before the draw (Python floats).
+
+    A number is used at every step (1 is the reference). A (start, end) pair is annealed linearly from `start` at
+    step 0 to `end` at step N - 1, the steps spaced as `remask_temperatures` spaces its pair (a single step uses
+    `start`). MaskBit's optional annealing is a linear ramp of this kind (from 1.3 towards 0.5 over its progress);
+    here the two ends are the caller's. Image to image and inpainting, which run the last steps only, use those
+    steps' temperatures."""
+    if isinstance(temperature, (tuple, list)):
+        if len(temperature) != 2:
+            raise ValueError(f"sampling temperature must be a number or a (start, end) pair, got {temperature!r}")
+        start, end = (float(t) for t in temperature)
+        if num_steps == 1:
+            return [start]
+        return [start + (end - start) * i / (num_steps - 1) for i in range(num_steps)]
+    return [float(temperature)] * num_steps

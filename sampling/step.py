@@ -56,13 +56,18 @@ def _uniform(like: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.zeros_like(like, device=device).uniform_(0, 1, generator=generator).to(like.device)
 
 
-def gumbel_noise(like: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-    """Standard Gumbel noise of `like`'s shape and dtype: -log(-log(u)), u ~ U(0, 1), both logs clamped at 1e-20."""
+def uniform_noise(like: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """U(0, 1) noise of `like`'s shape and dtype, drawn on the generator's device; with a list of generators, row b
+    of the batch (dim 0) from generator b."""
     generators = _per_sample(generator, like.shape[0])
     if generators is None:
-        u = _uniform(like, generator)
-    else:
-        u = torch.cat([_uniform(like[b : b + 1], g) for b, g in enumerate(generators)])
+        return _uniform(like, generator)
+    return torch.cat([_uniform(like[b : b + 1], g) for b, g in enumerate(generators)])
+
+
+def gumbel_noise(like: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """Standard Gumbel noise of `like`'s shape and dtype: -log(-log(u)), u ~ U(0, 1), both logs clamped at 1e-20."""
+    u = uniform_noise(like, generator)
     return -torch.log((-torch.log(u.clamp(1e-20))).clamp(1e-20))
 
 
@@ -92,6 +97,20 @@ def classifier_free_guidance(logits: torch.Tensor, scale: float) -> torch.Tensor
     return uncond + scale * (cond - uncond)
 
 
+def scheduled_count(
+    unknown: torch.Tensor,  # (B, L) bool: masked before this step
+    step: int,
+    num_steps: int,
+    schedule: ScheduleLike = "cosine",
+    starting_mask_ratio: float | torch.Tensor = 1.0,
+    num_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:  # (B, 1) long
+    """How many tokens stay masked after step `step` (not the last): floor(num_tokens * starting_mask_ratio *
+    schedule((step + 1) / num_steps)), bounded as in `tokens_to_mask`; num_tokens defaults to the length L."""
+    ratio = starting_mask_ratio * mask_ratio(schedule, step, num_steps, device=unknown.device)
+    return tokens_to_mask(ratio, unknown.shape[1] if num_tokens is None else num_tokens, unknown.sum(dim=-1))
+
+
 def decode_step(
     logits: torch.Tensor,  # (B, L, K) over the codebook
     tokens: torch.Tensor,  # (B, L) long; mask_token_id where unknown
@@ -119,8 +138,7 @@ def decode_step(
     if step == num_steps - 1:
         return predicted, predicted
 
-    ratio = starting_mask_ratio * mask_ratio(schedule, step, num_steps, device=logits.device)
-    count = tokens_to_mask(ratio, tokens.shape[1] if num_tokens is None else num_tokens, unknown.sum(dim=-1))
+    count = scheduled_count(unknown, step, num_steps, schedule, starting_mask_ratio, num_tokens)
     token_probs = probs.gather(-1, predicted[..., None])[..., 0]  # (B, L)
     # tokens known before this step are never masked again
     token_probs = torch.where(unknown, token_probs, torch.finfo(token_probs.dtype).max)
