@@ -50,13 +50,13 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}; write the conversion to another folder", file=sys.stderr)
         return 2
+    clean_stale(dst)  # first: it may put back a DST a killed conversion had moved aside
     if dst.exists() and not args.overwrite:
         print(f"error: {dst} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None  # `kill` cleans up as Ctrl-C
     try:
-        clean_stale(dst)
         return convert(args, dst)
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
