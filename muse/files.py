@@ -84,7 +84,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, (OSError, RuntimeError)) or is_full_disk(e):
+        if isinstance(e, (OSError, RuntimeError)) or (isinstance(e, Exception) and is_full_disk(e)):
             raise write_error(e, path) from e
         raise
     fsync_path(path.parent)
@@ -179,7 +179,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         replace_folder(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)) and is_full_disk(e):
+        if isinstance(e, Exception) and is_full_disk(e):
             raise write_error(e, path) from e
         raise
     fsync_path(path.parent)

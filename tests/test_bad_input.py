@@ -609,6 +609,26 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
         load_image(path)
 
 
+@pytest.mark.parametrize("command", ["img2img", "inpaint-image", "inpaint-mask"])
+def test_muse_refuses_an_unreadable_image_in_one_line(command, tmp_path, capsys):
+    """Read before the model loads: one line naming the file, exit 2, no output written."""
+    from muse.cli import main
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    picture().save(good)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    out = tmp_path / "out.png"
+    if command == "img2img":
+        argv = ["img2img", "a cat", "--image", str(bad)]
+    else:
+        image, mask = (bad, good) if command == "inpaint-image" else (good, bad)
+        argv = ["inpaint", "a cat", "--image", str(image), "--mask", str(mask)]
+    assert main(argv + ["--out", str(out), "--model", str(tmp_path / "no-model")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith(f"error: {bad}: cannot read the image")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "good.png"]
+
+
 # --- writing files: whole or not at all -------------------------------------------------------------------------------
 
 
@@ -683,6 +703,14 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, monkeypatch, caps
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: no space left on device while writing {tmp_path / 'run'}") and "optimizer.pt" in lines[0]
     assert checkpoint.checkpoints(tmp_path / "run") == []  # no checkpoint claims to be complete
+
+
+def test_the_safetensors_writers_full_disk_is_recognised(tmp_path):
+    from muse import files
+
+    error = files.write_error(Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                        '"No space left on device" })'), tmp_path / "model.safetensors")
+    assert error.errno == errno.ENOSPC and f"no space left on device while writing {tmp_path / 'model.safetensors'}" in str(error)
 
 
 def test_check_writable_before_slow_work(tmp_path):

@@ -5,8 +5,8 @@
 
 Modules, one idea each: config (the run's settings), data (sources, preprocessing, sampler, pre-encoding), masking
 (masks and the loss), lora (LoRALinear, injection, adapter files in our and the peft format), optim (parameter
-groups, AdamW / AdamW8bit, lr schedules), ema, checkpoint (atomic save, resume), distributed (torchrun/DDP),
-tracking (console and wandb), loop (the training loop itself).
+groups, AdamW / AdamW8bit, lr schedules), ema, checkpoint (atomic save, resume), resume (which settings a resume
+may change), distributed (torchrun/DDP), tracking (console and wandb), loop (the training loop itself).
 """
 
 from .config import TrainConfig

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from convert.safe_load import read_safetensors
+from convert.safe_load import read_safetensors, safetensors_header
 from muse import files
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -386,24 +386,43 @@ def save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_enco
     checkpoint.save_torch(checkpoint.rng_state(), tmp / f"rng-rank{dist.rank}.pt")
     dist.barrier()
     if dist.main:
-        save_trained(transformer, tmp / "model.safetensors", cfg.use_lora, "transformer")
-        if cfg.train_text_encoder:
-            save_trained(text_encoder, tmp / "text_encoder.safetensors", cfg.text_encoder_use_lora, "text_encoder")
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-        checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-        state = {
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "generator": gen.get_state(),
-            "ema_updates": ema.num_updates if ema is not None else 0,
-        }
-        checkpoint.save_torch(state, tmp / "trainer_state.pt")
+        with _full_disk_reported(tmp):
+            _write_checkpoint_files(tmp, cfg, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
         info = {"step": step, "position": position, "seed": seed, "world": dist.world, "use_lora": cfg.use_lora,
                 **settings_of(cfg, base_config(transformer))}
         final = checkpoint.commit(tmp, step, info, cfg.checkpoints_total_limit)
         log.info("saved %s", final)
     dist.barrier()
+
+
+@contextlib.contextmanager
+def _full_disk_reported(folder: Path):
+    """A full disk while a checkpoint is written is reported as such (the safetensors writer says "os error 28")."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if files.is_full_disk(e):
+            raise files.write_error(e, folder) from e
+        raise
+
+
+def _write_checkpoint_files(tmp, cfg, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen) -> None:
+    """The main process's files of a checkpoint (see train.checkpoint for the layout), into the temporary `tmp`."""
+    save_trained(transformer, tmp / "model.safetensors", cfg.use_lora, "transformer")
+    if cfg.train_text_encoder:
+        save_trained(text_encoder, tmp / "text_encoder.safetensors", cfg.text_encoder_use_lora, "text_encoder")
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+    checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+    state = {
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "generator": gen.get_state(),
+        "ema_updates": ema.num_updates if ema is not None else 0,
+    }
+    checkpoint.save_torch(state, tmp / "trainer_state.pt")
 
 
 def save_trained(module, path: Path, lora: bool, prefix: str) -> None:
@@ -461,6 +480,7 @@ def load_adapters_in_place(module, path: Path, prefix: str) -> None:
     """Copy a checkpoint's LoRA adapters into the module's existing ones, whose parameters the optimizer holds. The
     file must hold exactly those adapters, of the same ranks and alphas: anything else would swap in new modules
     the optimizer never steps."""
+    safetensors_header(path)  # a missing, truncated or corrupt file names itself
     tensors, metadata = read_lora_file(path)
     try:
         adapters = parse_adapters(tensors, metadata, module, prefix)
