@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -50,14 +53,86 @@ def main(argv=None, prog: str = "python -m convert") -> int:
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     dst = Path(args.dst).expanduser().absolute()
+    problem = overlap(args.src, dst)
+    if problem:
+        print(f"error: {problem}; write the conversion to another folder", file=sys.stderr)
+        return 2
+    clean_stale(dst)  # first: it may put back a DST a killed conversion had moved aside
     if dst.exists() and not args.overwrite:
         print(f"error: {dst} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None  # `kill` cleans up as Ctrl-C
     try:
         return convert(args, dst)
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def overlap(src: str, dst: Path) -> str | None:
+    """Why DST may not be written for this SRC (None if it may): DST is SRC, or one holds the other, so writing or
+    replacing DST would destroy the source while it is read."""
+    source = Path(src).expanduser()
+    if not source.exists():
+        return None  # a hub id (the cache is not a place anyone converts into)
+    source, target = source.resolve(), dst.resolve()
+    if source == target:
+        return f"DST {dst} is SRC"
+    if target in source.parents:
+        return f"DST {dst} holds SRC {src}"
+    if source in target.parents:
+        return f"DST {dst} is inside SRC {src}"
+    return None
+
+
+def _partial_pattern(dst: Path) -> re.Pattern:
+    """The names of the temporary folders of conversions into `dst`: `.DST.<pid>.<random>.partial` (and, from
+    versions without the pid, `.DST.<random>.partial`), and `.DST.old-<pid>` (the old DST while it is replaced)."""
+    name = re.escape(dst.name)
+    return re.compile(rf"\.{name}\.(?:(?P<pid>\d+)\.)?[a-z0-9_]+\.partial|\.{name}\.old-(?P<old>\d+)")
+
+
+def clean_stale(dst: Path) -> None:
+    """Tidy up after conversions into `dst` that were killed (SIGKILL, the OOM killer, a power cut: nothing of
+    theirs could run): remove their temporary folders, and put back an old DST that one of them had moved aside
+    to replace it. Folders of conversions still running (their process is alive) are left alone. Done at the start
+    of the next conversion to the same DST, because no handler runs in a killed process."""
+    if not dst.parent.is_dir():
+        return
+    pattern = _partial_pattern(dst)
+    for path in sorted(dst.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        pid = match.group("pid") or match.group("old")
+        if pid is not None and _alive(int(pid)):
+            continue
+        if match.group("old") is not None and not dst.exists():
+            os.replace(path, dst)  # the replacement never arrived: the old DST is still the current one
+            logging.warning("restored %s, left aside by a conversion that was killed", dst)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            logging.warning("removed %s, left by a conversion that was killed", path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def convert(args: argparse.Namespace, dst: Path) -> int:
@@ -84,7 +159,7 @@ def convert(args: argparse.Namespace, dst: Path) -> int:
         bar.update(1)
         bar.set_description(f"writing {args.to}")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{os.getpid()}.", suffix=".partial", dir=dst.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; DST gets the permissions of an ordinary folder
         if args.to == "ours":
             written = save_components(components, tmp)

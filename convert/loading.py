@@ -30,16 +30,18 @@ from vqgan import VQGANConfig
 from .components import Components, check_scheduler_config, default_scheduler_config
 from .export import export_pipeline
 from .hub import resolve_pipeline_dir
-from .mapping import ConversionError
+from .mapping import ConversionError, WeightValueError
 from .meta_init import skip_meta_init
 from .networks import uvit_from_diffusers, vqgan_from_diffusers
 from .open_muse import is_open_muse_folder, load_open_muse
 from .ours import load_ours, save_ours
-from .safe_load import CheckpointError, read_json, read_sharded_safetensors, read_weights
+from .safe_load import CheckpointError, check_stored_dtype, read_json, read_sharded_safetensors, read_weights
 from .text_encoder import load_text_encoder, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+# the dtype every float tensor of a weight-file variant is stored in
+VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PIPELINE_CLASSES = ("AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline")
 OURS_MARKER = "muse.json"
 DIFFUSERS_MARKER = "model_index.json"
@@ -102,9 +104,12 @@ def _network_from_folder(folder: Path, variant, dtype, stems, class_name, build:
         raise CheckpointError(f"{config_path}: invalid {what} config ({e})") from None
     weights = find_weights(folder, stems, variant)
     state_dict = read_component_weights(weights)
+    check_stored_dtype(state_dict, weights, VARIANT_DTYPES.get(variant))
     try:
         with skip_meta_init():  # `build` constructs on the meta device; skip the random init it would discard
             return build(config, state_dict, dtype=dtype)
+    except WeightValueError as e:
+        raise CheckpointError(f"{weights}: {e}") from None
     except ConversionError as e:
         raise CheckpointError(f"{weights}: does not match {config_path}: {e}") from None
 
@@ -130,7 +135,9 @@ def load_published(folder: str | Path, dtype: torch.dtype | None = None, variant
     step("text_encoder")
     te_folder = folder / "text_encoder"
     te_weights = find_weights(te_folder, ("model", "pytorch_model"), variant)
-    text_encoder = load_text_encoder(te_folder, read_component_weights(te_weights), te_weights, dtype)
+    te_state = read_component_weights(te_weights)
+    check_stored_dtype(te_state, te_weights, VARIANT_DTYPES.get(variant))
+    text_encoder = load_text_encoder(te_folder, te_state, te_weights, dtype)
     step("tokenizer")
     tokenizer = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
     step("scheduler")

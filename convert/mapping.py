@@ -21,6 +21,37 @@ class ConversionError(ValueError):
     """A state dict that does not fit the model: names every missing, unexpected or misshapen tensor."""
 
 
+class WeightValueError(ConversionError):
+    """Tensors of the right names and shapes whose values cannot be weights: an integer dtype where the model has
+    floats (a corrupt or rewritten header), or NaN / inf values."""
+
+
+# the dtypes a float weight may be stored in (float8 and the like are not weights this model reads)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def value_problem(name: str, tensor: torch.Tensor, expected: torch.dtype) -> str | None:
+    """Why `tensor` cannot fill a model tensor of dtype `expected`, or None. Reads the tensor once (the finiteness
+    check), which loading reads anyway."""
+    if not expected.is_floating_point:
+        return None
+    if tensor.dtype not in FLOAT_DTYPES:
+        return f"{name}: stored as {str(tensor.dtype).removeprefix('torch.')}, not a float type"
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    return f"{name}: {tensor.numel() - int(finite.sum())} of {tensor.numel()} values are NaN or infinite"
+
+
+def value_error(what: str, problems: list[str]) -> WeightValueError:
+    wrong_type = [p for p in problems if "not a float type" in p]
+    hint = (
+        "; the model's weights are float32, float16 or bfloat16: the file's header is corrupt or was rewritten"
+        if wrong_type else "; the weights are corrupt (or were trained into NaN)"
+    )
+    return WeightValueError(f"{what}: {len(problems)} tensor(s) cannot be weights: {_preview(problems)}{hint}")
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one tensor's layout differs between us and the other side: `to_theirs(ours)`, `to_ours(theirs)`."""
@@ -72,10 +103,11 @@ def to_ours(
     """Fill `model` (usually built on the meta device) from a foreign `state_dict`, checking every key and shape.
     Raises ConversionError naming each missing, unexpected or misshapen tensor."""
     shapes = expected_shapes(model)
+    dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
     wanted = {keymap.theirs(k): k for k in shapes}
     missing = sorted(t for t in wanted if t not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in wanted)
-    converted, misshapen = {}, []
+    converted, misshapen, bad_values = {}, [], []
     for theirs, ours in wanted.items():
         if theirs not in state_dict:
             continue
@@ -84,6 +116,10 @@ def to_ours(
         expected = _theirs_shape(keymap, ours, shapes[ours])
         if tuple(tensor.shape) != tuple(expected):
             misshapen.append(f"{theirs}: got {tuple(tensor.shape)}, expected {tuple(expected)}")
+            continue
+        problem = value_problem(theirs, tensor, dtypes[ours])
+        if problem is not None:
+            bad_values.append(problem)
             continue
         value = keymap.layout(ours).to_ours(tensor)
         converted[ours] = value if dtype is None else value.to(dtype)
@@ -96,6 +132,8 @@ def to_ours(
         problems.append(f"misshapen {len(misshapen)} tensor(s): {_preview(misshapen)}")
     if problems:
         raise ConversionError(f"{what} does not fit {type(model).__name__}: " + "; ".join(problems))
+    if bad_values:
+        raise value_error(what, bad_values)
     model.load_state_dict(converted, strict=True, assign=True)
     return model
 

@@ -23,9 +23,9 @@ from uvit import UViT, UViTConfig
 from vqgan import VQGAN, VQGANConfig
 
 from .components import Components, check_scheduler_config
-from .mapping import KeyMap, to_ours
+from .mapping import KeyMap, WeightValueError, to_ours
 from .meta_init import empty_modules
-from .safe_load import CheckpointError, read_json, read_safetensors, write_json
+from .safe_load import CheckpointError, check_stored_dtype, read_json, read_safetensors, write_json
 from .text_encoder import load_text_encoder, load_tokenizer, text_encoder_config, text_encoder_state_dict
 
 FORMAT = "muse"
@@ -92,13 +92,16 @@ def load_ours(folder: str | Path, dtype: torch.dtype | None = None, progress=Non
             f"{root / MARKER}: format_version {index['format_version']} is newer than this code reads ({FORMAT_VERSION}); update muse"
         )
     step = progress or (lambda name: None)
+    declared = _declared_dtypes(index, root / MARKER)
     networks = {}
     for name, (model_cls, config_cls) in NETWORKS.items():
         step(name)
-        networks[name] = load_network(root / name, model_cls, config_cls, dtype)
+        networks[name] = load_network(root / name, model_cls, config_cls, dtype, declared.get(name))
     step("text_encoder")
     te_weights = root / "text_encoder" / WEIGHTS
-    text_encoder = load_text_encoder(root / "text_encoder", read_safetensors(te_weights), te_weights, dtype)
+    te_state = read_safetensors(te_weights)
+    check_stored_dtype(te_state, te_weights, declared.get("text_encoder"))
+    text_encoder = load_text_encoder(root / "text_encoder", te_state, te_weights, dtype)
     step("tokenizer")
     tokenizer = load_tokenizer(root / "tokenizer" if (root / "tokenizer").is_dir() else None)
     step("scheduler")
@@ -107,8 +110,23 @@ def load_ours(folder: str | Path, dtype: torch.dtype | None = None, progress=Non
     return Components(networks["transformer"], networks["vqvae"], text_encoder, tokenizer, scheduler, source=str(root))
 
 
-def load_network(folder: Path, model_cls, config_cls, dtype: torch.dtype | None = None):
-    """One of our networks from `folder/config.json` + `folder/model.safetensors`, built on the meta device."""
+def _declared_dtypes(index: dict, path: Path) -> dict[str, torch.dtype]:
+    """component -> the dtype muse.json says its weights are stored in (components it does not name: unchecked)."""
+    declared = index.get("dtype") or {}
+    if not isinstance(declared, dict):
+        raise CheckpointError(f"{path}: 'dtype' must map components to dtype names, got {declared!r}")
+    out = {}
+    for name, value in declared.items():
+        dtype = getattr(torch, value, None) if isinstance(value, str) else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CheckpointError(f"{path}: dtype of {name} is {value!r}, not a float dtype name (float32, float16, bfloat16)")
+        out[name] = dtype
+    return out
+
+
+def load_network(folder: Path, model_cls, config_cls, dtype: torch.dtype | None = None, declared: torch.dtype | None = None):
+    """One of our networks from `folder/config.json` + `folder/model.safetensors`, built on the meta device;
+    `declared` is the dtype muse.json says the weights are stored in."""
     config_path, weights = folder / "config.json", folder / WEIGHTS
     raw = read_json(config_path, f"{model_cls.__name__} config")
     try:
@@ -116,11 +134,14 @@ def load_network(folder: Path, model_cls, config_cls, dtype: torch.dtype | None 
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: invalid {model_cls.__name__} config ({e})") from None
     state_dict = read_safetensors(weights)
+    check_stored_dtype(state_dict, weights, declared)
     with empty_modules():
         model = model_cls(config)
     try:
         return to_ours(model, IDENTITY, state_dict, what=str(weights), dtype=dtype).eval()
     except CheckpointError:
         raise
+    except WeightValueError as e:  # its message starts with the file
+        raise CheckpointError(str(e)) from None
     except ValueError as e:  # ConversionError
         raise CheckpointError(f"{weights}: does not match {config_path}: {e}") from None

@@ -112,6 +112,18 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
 
 
+def check_stored_dtype(tensors: Mapping[str, torch.Tensor], path: str | Path, declared: torch.dtype | None) -> None:
+    """Every float tensor of a file whose variant (or index) declares a dtype must be stored in that dtype: an fp16
+    variant holding bfloat16 (or float32) tensors was mislabelled or its header rewritten."""
+    if declared is None:
+        return
+    wrong = [f"{k}: {str(t.dtype).removeprefix('torch.')}" for k, t in tensors.items() if t.is_floating_point() and t.dtype != declared]
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f", ... ({len(wrong) - 5} more)" if len(wrong) > 5 else "")
+        name = str(declared).removeprefix("torch.")
+        raise CheckpointError(f"{path}: declared {name}, but {len(wrong)} float tensor(s) are stored otherwise: {shown}")
+
+
 def read_pickled_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A `pytorch_model.bin`-style state dict, through the weights-only unpickler: a file whose unpickling would
     import or call anything but plain tensors and containers is refused before any of it runs."""

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .clip_tokenizer import EOS, MODEL_MAX_LENGTH, offline_clip_tokenizer
+from .mapping import value_error, value_problem
 from .meta_init import empty_modules
 from .safe_load import CheckpointError, read_json
 
@@ -61,6 +62,9 @@ def text_encoder_from_state_dict(
         problems.append(f"misshapen {len(misshapen)} tensor(s): {_preview(misshapen)}")
     if problems:
         raise CheckpointError(f"{what} does not fit {TEXT_ENCODER_CLASS}: " + "; ".join(problems))
+    bad_values = [p for k, v in persistent.items() if (p := value_problem(k, state_dict[k], v.dtype)) is not None]
+    if bad_values:
+        raise CheckpointError(str(value_error(what, bad_values)))
     tensors = {k: (state_dict[k] if dtype is None or not state_dict[k].is_floating_point() else state_dict[k].to(dtype)) for k in persistent}
     model.load_state_dict(tensors, strict=True, assign=True)
     _rebuild_position_ids(model)

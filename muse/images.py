@@ -7,6 +7,7 @@ image processor: PIL -> uint8 array / 255 as fp32; out, round(x * 255) to uint8.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -73,13 +74,21 @@ def make_grid(images: Sequence[PIL.Image.Image], cols: int | None = None) -> PIL
 
 
 def load_image(path: str | Path, mode: str | None = "RGB") -> PIL.Image.Image:
-    """Open an image file, converted to `mode` (None: as stored)."""
+    """Open an image file, converted to `mode` (None: as stored). A file PIL cannot decode (not an image, truncated,
+    corrupt) or one whose pixel count exceeds PIL's decompression-bomb limit raises a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
-    with PIL.Image.open(path) as im:
-        im.load()
-        return im.convert(mode) if mode else im.copy()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)  # a bomb is refused, not just noted
+            with PIL.Image.open(path) as im:
+                im.load()
+                return im.convert(mode) if mode else im.copy()
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: refused to decode: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying unreadable (UnidentifiedImageError is an OSError)
+        raise ValueError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
 
 
 def _as_list(image) -> list:
@@ -89,9 +98,9 @@ def _as_list(image) -> list:
 def image_to_tensor(image: ImageInput, multiple_of: int) -> torch.Tensor:
     """An RGB image or batch of them -> pixels (B, 3, H, W) float32 in [0, 1], checked.
 
-    Accepts PIL images (mode RGB; a list for a batch, all the same size), float arrays (H, W, 3) or (B, H, W, 3) in
-    [0, 1], and float tensors (3, H, W) or (B, 3, H, W) in [0, 1]. H and W must be multiples of `multiple_of` (the
-    VQ-GAN's downsampling factor): this function never resizes silently."""
+    Accepts PIL images (mode RGB; a list for a batch, all the same size), arrays (H, W, 3) or (B, H, W, 3) and
+    tensors (3, H, W) or (B, 3, H, W), of floats in [0, 1] or uint8 in [0, 255]. H and W must be multiples of
+    `multiple_of` (the VQ-GAN's downsampling factor): this function never resizes silently."""
     items = _as_list(image)
     if not items:
         raise ValueError("image is an empty list")
@@ -119,8 +128,7 @@ def image_to_tensor(image: ImageInput, multiple_of: int) -> torch.Tensor:
             raise ValueError(f"an image tensor must be (3, H, W) or (B, 3, H, W), got shape {tuple(items[0].shape)}")
     else:
         raise TypeError(f"image must be a PIL image, a list of them, a numpy array or a tensor; got {type(image).__name__}")
-    if not pixels.is_floating_point():
-        raise ValueError(f"image arrays and tensors must be floats in [0, 1], got dtype {pixels.dtype}")
+    pixels = unit_range(pixels, "image")
     H, W = pixels.shape[-2:]
     if H % multiple_of or W % multiple_of:
         raise ValueError(
@@ -130,6 +138,23 @@ def image_to_tensor(image: ImageInput, multiple_of: int) -> torch.Tensor:
     return pixels.float()
 
 
+def unit_range(values: torch.Tensor, what: str) -> torch.Tensor:
+    """Array or tensor values -> float32 in [0, 1]: uint8 is read as 0-255 (divided by 255); floats must already lie
+    in [0, 1] (0-255 floats, negative values or NaN are refused, never clipped into garbage)."""
+    if values.dtype == torch.uint8:
+        return values.float() / 255.0
+    if not values.is_floating_point():
+        raise ValueError(f"{what} arrays and tensors must be floats in [0, 1] or uint8 in [0, 255], got dtype {values.dtype}")
+    values = values.float()
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{what} values must be floats in [0, 1]; this one holds NaN or infinite values")
+    if values.numel() and (values.min() < 0 or values.max() > 1):
+        low, high = float(values.min()), float(values.max())
+        hint = " (0-255 values? divide by 255, or pass uint8)" if high > 1 and high <= 255 and low >= 0 else ""
+        raise ValueError(f"{what} values must be floats in [0, 1], got values in [{low:g}, {high:g}]{hint}")
+    return values
+
+
 def mask_to_tensor(mask: ImageInput, size: tuple[int, int], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """A mask (white = repaint) for images of `size` (H, W) -> (token mask (B, h, w) bool, pixel mask (B, 1, H, W) bool).
 
@@ -137,7 +162,8 @@ def mask_to_tensor(mask: ImageInput, size: tuple[int, int], grid: tuple[int, int
     then converted to luminance; arrays and tensors with nearest interpolation) and binarised at 0.5. The pixel mask
     is the mask at full size binarised at 0.5 (used to paste original pixels back).
     PIL masks may be of mode L, 1 or RGB; arrays (H, W), (H, W, 1), (B, H, W) or (B, H, W, 1) and tensors (H, W),
-    (1, H, W), (B, H, W) or (B, 1, H, W), floats in [0, 1]. The mask must have the image's size."""
+    (1, H, W), (B, H, W) or (B, 1, H, W), of floats in [0, 1], uint8 in [0, 255] or bools. The mask must have the
+    image's size."""
     H, W = size
     h, w = grid
     items = _as_list(mask)
@@ -166,11 +192,10 @@ def mask_to_tensor(mask: ImageInput, size: tuple[int, int], grid: tuple[int, int
             pixels = pixels[None]
         if pixels.dim() != 3:
             raise ValueError(f"a mask array or tensor must hold one channel, got shape {tuple(m.shape)}")
-        if not pixels.is_floating_point():
-            raise ValueError(f"mask arrays and tensors must be floats in [0, 1], got dtype {pixels.dtype}")
+        pixels = unit_range(pixels.float() if pixels.dtype == torch.bool else pixels, "mask")
         if tuple(pixels.shape[-2:]) != (H, W):
             raise ValueError(f"mask size {pixels.shape[-1]}x{pixels.shape[-2]} differs from the image size {W}x{H}")
-        pixels = pixels.float()[:, None]  # (B, 1, H, W)
+        pixels = pixels[:, None]  # (B, 1, H, W)
         tokens = F.interpolate(pixels, size=(h, w))  # nearest, as the reference
     else:
         raise TypeError(f"mask_image must be a PIL image, a list of them, a numpy array or a tensor; got {type(mask).__name__}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,22 @@ from .text import TextConditioning, encode_text
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MASK_COUNT_BASES = ("sequence", "masked")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_finite(name: str, value, whole=None) -> None:
+    """Raise unless `value` is a finite real number (not a bool, not a string); `whole` is what the user passed
+    when `value` is part of it."""
+    shown = value if whole is None else whole
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()):
+            raise ValueError(f"{name} must be a number, got {shown!r}")
+        value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {shown!r}")
 
 
 @dataclass
@@ -113,14 +130,13 @@ class SamplingOptions:
         return cls(**kwargs)
 
     def __post_init__(self):
-        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {self.num_inference_steps!r}")
-        if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {self.num_images_per_prompt!r}")
+        for name in ("num_inference_steps", "num_images_per_prompt", "callback_steps"):
+            value = getattr(self, name)
+            if not _is_integer(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self._check_numbers()
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
-        if self.callback_steps < 1:
-            raise ValueError(f"callback_steps must be >= 1, got {self.callback_steps}")
         self._check_sampling_temperature()
         try:
             sampling.GuidanceSchedule.parse(self.guidance_schedule)
@@ -143,6 +159,36 @@ class SamplingOptions:
         for a, b in (("prompt_embeds", "encoder_hidden_states"), ("negative_prompt_embeds", "negative_encoder_hidden_states")):
             if (getattr(self, a) is None) != (getattr(self, b) is None):
                 raise ValueError(f"pass both `{a}` and `{b}`, or neither")
+        self._check_embeddings()
+
+    def _check_numbers(self) -> None:
+        """Every float option is a finite number: NaN or inf would silently switch re-masking or guidance off, or
+        crash the token draw."""
+        _require_finite("guidance_scale", self.guidance_scale)
+        _require_finite("micro_conditioning_aesthetic_score", self.micro_conditioning_aesthetic_score)
+        if isinstance(self.temperature, (tuple, list)):
+            if len(self.temperature) != 2:
+                raise ValueError(f"temperature must be a number or a (start, end) pair, got {self.temperature!r}")
+            for value in self.temperature:
+                _require_finite("temperature", value, whole=self.temperature)
+        else:
+            _require_finite("temperature", self.temperature)
+        crop = self.micro_conditioning_crop_coord
+        if not isinstance(crop, (tuple, list)) or len(crop) != 2:
+            raise ValueError(f"micro_conditioning_crop_coord must be a (top, left) pair, got {crop!r}")
+        for value in crop:
+            _require_finite("micro_conditioning_crop_coord", value, whole=crop)
+
+    def _check_embeddings(self) -> None:
+        """Precomputed text conditioning: tensors of finite values (NaN would reach the token draw)."""
+        for name in ("prompt_embeds", "encoder_hidden_states", "negative_prompt_embeds", "negative_encoder_hidden_states"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise ValueError(f"{name} must be a float tensor, got {type(value).__name__} {getattr(value, 'dtype', '')}".rstrip())
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} holds NaN or infinite values")
 
     def _check_sampling_temperature(self):
         t = self.sampling_temperature
@@ -166,6 +212,53 @@ class SamplingOptions:
         if not self.guided:
             return False
         return self.guidance_interval is None or self.guidance_interval[0] <= step < self.guidance_interval[1]
+
+
+class NonFiniteLogitsError(ValueError):
+    """The U-ViT produced NaN or infinite logits during decoding."""
+
+
+class _FiniteLogits:
+    """Watches the decoding loop's (guided) logits for NaN / inf without a device sync per step: each step's logits
+    get a finiteness flag computed on the device and their non-finite entries replaced by 0, so the token draw never
+    sees them (torch.multinomial would fail on them, on a GPU with a device-side assert); the flags are read once,
+    at the last step, which raises if any step had non-finite logits. Finite logits pass through unchanged."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self.flags: list[tuple[int, torch.Tensor]] = []
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        finite = torch.isfinite(logits).all()
+        self.flags.append((step, finite))
+        if step == self.num_steps - 1:
+            self._raise_if_any()
+        return logits.nan_to_num(0.0, 0.0, 0.0)
+
+    def _raise_if_any(self) -> None:
+        seen = torch.stack([flag for _, flag in self.flags]).cpu()
+        if bool(seen.all()):
+            return
+        first = self.flags[int((~seen).nonzero()[0])][0]
+        raise NonFiniteLogitsError(
+            f"the U-ViT's logits became NaN or infinite (first at decoding step {first + 1} of {self.num_steps}): the "
+            "model's weights or the inputs (prompt embeddings, micro-conditioning, guidance scale) hold non-finite "
+            "values, or the weights' dtype overflows (try float32)"
+        )
+
+
+def checked_sampling_defaults(defaults) -> dict[str, Any]:
+    """A model's declared sampling defaults (a dict of SamplingOptions fields), checked as a call's options are;
+    a ValueError names what is wrong."""
+    if defaults is None:
+        return {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"sampling_defaults must map option names to values, got {type(defaults).__name__}")
+    try:
+        SamplingOptions.from_kwargs(dict(defaults))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sampling_defaults are invalid: {e}") from None
+    return dict(defaults)
 
 
 @dataclass
@@ -215,8 +308,7 @@ class Pipeline:
             )
         # Sampling defaults a model folder may declare (e.g. a lower guidance scale for a small model); arguments
         # given to a call override them, and without them every default is the reference's.
-        self.sampling_defaults = dict(sampling_defaults or {})
-        SamplingOptions.from_kwargs(self.sampling_defaults)  # unknown names or bad values fail here, not mid-call
+        self.sampling_defaults = checked_sampling_defaults(sampling_defaults)  # bad ones fail here, not mid-call
         # The U-ViT call of the decoding loop, (ids, uvit.Conditioning) -> logits (B, h, w, K): None = the
         # transformer's `forward_prepared`, or a replacement computing the same (the CUDA-graph replay, torch.compile).
         self._transformer_forward = None
@@ -241,6 +333,10 @@ class Pipeline:
         path_or_id = default_model_dir() if path_or_id is None else path_or_id
         c = load_components(str(path_or_id), dtype=dtype, device=device, variant=variant)
         cfg = c.scheduler_config or {}
+        try:
+            checked_sampling_defaults(cfg.get("sampling_defaults"))
+        except ValueError as e:
+            raise ValueError(f"{path_or_id}: its scheduler config's {e}") from None
         return cls(
             c.transformer,
             c.vqvae,
@@ -345,8 +441,11 @@ class Pipeline:
         opts = self._options(options)
         f = self.vae_scale_factor
         default = self.transformer.config.sample_size * f
-        height, width = height or default, width or default
+        height = default if height is None else height
+        width = default if width is None else width
         for name, v in (("height", height), ("width", width)):
+            if not _is_integer(v) or v < 1:
+                raise ValueError(f"{name} must be a positive number of pixels, got {v!r}")
             if v % f:
                 raise ValueError(f"{name} {v} is not a multiple of {f} pixels (one token is {f}x{f} pixels)")
         grid = (height // f, width // f)
@@ -513,12 +612,14 @@ class Pipeline:
         sampler = opts.sampler
         state = sampler.start(tokens.reshape(B, h * w), (h, w), self.mask_token_id, opts.generator)
 
+        screen = _FiniteLogits(N)
         for i in tqdm(steps, desc="decoding", disable=not opts.progress_bar):
             if opts.guided_at(i):
                 logits = forward(torch.cat([tokens, tokens]), prepared)  # (2B, h, w, K)
                 logits = sampling.classifier_free_guidance(logits, scales[i])  # (B, h, w, K)
             else:
                 logits = forward(tokens, conditional if opts.guided else prepared)  # (B, h, w, K)
+            logits = screen(logits, i)
             flat, _, state = sampling.sample_step(
                 logits.reshape(B, h * w, -1),
                 tokens.reshape(B, h * w),

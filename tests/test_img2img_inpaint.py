@@ -266,7 +266,7 @@ BAD = {
     "image RGBA": ("img2img", dict(image=picture(1).convert("RGBA")), "mode"),
     "image grayscale": ("img2img", dict(image=picture(1).convert("L")), "mode"),
     "image size off the token grid": ("img2img", dict(image=picture(1, size=30)), "multiple of 4"),
-    "image integer array": ("img2img", dict(image=np.zeros((32, 32, 3), np.uint8)), "float"),
+    "image integer array": ("img2img", dict(image=np.zeros((32, 32, 3), np.int32)), "float"),
     "image count": ("img2img", dict(prompt=["a", "b", "c"], image=[picture(1), picture(2)]), "images for 3 prompts"),
     "strength zero": ("img2img", dict(image=picture(1), strength=0.0), r"\(0, 1\]"),
     "strength above one": ("inpaint", dict(image=picture(1), mask_image=rect_mask(0, 0, 8, 8), strength=1.5), r"\(0, 1\]"),

@@ -4,11 +4,11 @@
     python -m train.generate_images ...    images from a base model plus a trained transformer or LoRA adapter
 
 Modules, one idea each: config (the run's settings), data (sources, preprocessing, sampler, pre-encoding), masking
-(masks and the loss), optim (parameter
-groups, AdamW / AdamW8bit, lr schedules), ema, checkpoint (atomic save, resume), distributed (torchrun/DDP),
-tracking (console and wandb), loop (the training loop itself), vq (VQ-GAN training), default_model (the recipe of
-the embedded model). The LoRA layers live in `uvit.lora` and their files in `convert.lora` (the pipeline loads
-adapters too); their names are re-exported here.
+(masks and the loss), optim (parameter groups, AdamW / AdamW8bit, lr schedules), ema, checkpoint (atomic save,
+resume), resume (which settings a resume may change), distributed (torchrun/DDP), tracking (console and wandb),
+loop (the training loop itself), vq (VQ-GAN training), default_model (the recipe of the embedded model). The LoRA
+layers live in `uvit.lora` and their files in `convert.lora` (the pipeline loads adapters too); their names are
+re-exported here.
 """
 
 from convert.lora import inject_lora, load_lora_into, save_lora

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -27,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from muse import files
+from muse.files import write_error
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +71,23 @@ def resolve(output_dir: str | Path, spec: str | None) -> Path | None:
     return path
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json: step, data position, seed and the run's settings. A corrupt one names itself."""
+    file = path / DONE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: cannot read the checkpoint's state ({e})") from None
+    if not isinstance(state, dict) or not {"step", "position"} <= set(state):
+        raise ValueError(f"{file}: not a checkpoint state (it needs 'step' and 'position')")
+    return state
+
+
 def saved_seed(path: Path | None) -> int | None:
     """The seed a checkpoint's run used (None without a checkpoint)."""
     if path is None:
         return None
-    return json.loads((path / DONE_FILE).read_text()).get("seed")
+    return read_state(path).get("seed")
 
 
 def begin(output_dir: str | Path, step: int) -> Path:
@@ -87,7 +103,10 @@ def begin(output_dir: str | Path, step: int) -> Path:
 
 def commit(tmp: Path, step: int, state: dict, limit: int | None = None) -> Path:
     """Write state.json, sync everything, rename `tmp` to checkpoint-<step>, then keep at most `limit` checkpoints."""
-    (tmp / DONE_FILE).write_text(json.dumps(state, indent=2))
+    try:
+        (tmp / DONE_FILE).write_text(json.dumps(state, indent=2))
+    except OSError as e:
+        raise write_error(e, tmp / DONE_FILE) from e
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)
@@ -126,12 +145,18 @@ def _fsync(path: Path) -> None:
 
 
 def save_torch(obj, path: Path) -> None:
-    torch.save(obj, path)
+    """torch.save, with a failed write (a full disk) reported as such, naming the file."""
+    files.save_torch(obj, path)
 
 
 def load_torch(path: Path):
-    """Read a .pt file of this module without unpickling code (weights_only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a .pt file of this module without unpickling code (weights_only); a missing or corrupt one names itself."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: the checkpoint lacks this file; it is incomplete") from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: cannot read this checkpoint file, corrupt or truncated ({e})") from None
 
 
 def rng_state() -> dict:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+
+import torch
 
 from . import distributed
 from .config import TrainConfig
@@ -34,6 +37,8 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     g.add_argument("--instance_data_dir", default=None, help="folder of images; prompt = file name without extension")
     g.add_argument("--instance_data_image", default=None, help="a single image (style training)")
     g.add_argument("--instance_data_metadata", default=None, help="(ours) captions for --instance_data_dir: .jsonl/.csv with file_name and the prompt column")
+    g.add_argument("--skip_invalid_metadata", action="store_true", help="(ours) skip metadata rows that are unparsable, "
+                   "name no image or lack a string caption (each is logged and counted) instead of stopping")
     g.add_argument("--image_key", default=None)
     g.add_argument("--prompt_key", default=None)
     g.add_argument("--prompt_prefix", default=None)
@@ -58,6 +63,7 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     g.add_argument("--validation_inference_steps", type=int, default=d.validation_inference_steps, help="(ours)")
     g.add_argument("--report_to", default=d.report_to, help='"wandb" to log there too (WANDB_MODE=offline works); default none')
     g.add_argument("--device", default=None, help="(ours) default: cuda:<local rank> if available, else cpu")
+    g.add_argument("--debug", action="store_true", help="(ours) show the traceback of an error (also MUSE_DEBUG=1)")
     g.add_argument("--no_save_at_end", dest="save_at_end", action="store_false", help="(ours) no last checkpoint or weights at the end (benchmarks)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=d.learning_rate)
@@ -97,18 +103,49 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None, prog: str = "python -m train") -> TrainConfig:
-    args = parser(prog).parse_args(argv)
+    return config_from_namespace(parser(prog).parse_args(argv))
+
+
+def config_from_namespace(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+# what a user's mistake raises (a bad flag value, a missing or unwritable path, a full disk, a checkpoint that does
+# not fit, a missing optional package, a batch too large for the GPU); anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, OSError, ImportError, torch.OutOfMemoryError)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
-    cfg = config_from_args(argv, prog)
+    """Train; a user error ends in one line `error: ...` and exit code 2 (--debug or MUSE_DEBUG=1: the traceback)."""
+    args = parser(prog).parse_args(argv)
+    debug = args.debug or os.environ.get("MUSE_DEBUG", "") not in ("", "0")
     try:
-        train(cfg)
+        train(config_from_namespace(args))
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
     finally:
         distributed.teardown()
     return 0
+
+
+def error_message(error: BaseException) -> str:
+    """One line saying what went wrong: the first line of the message (an OSError as 'path: reason')."""
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    if isinstance(error, torch.OutOfMemoryError):
+        text = f"out of memory: {text} (lower --train_batch_size, or use --gradient_checkpointing, --mixed_precision, --use_lora)"
+    if isinstance(error, ImportError) and not str(error):
+        text = f"a package is missing: {error.name}"
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 if __name__ == "__main__":

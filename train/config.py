@@ -4,11 +4,32 @@ flags (diffusers `examples/amused/train_amused.py`), so its recipes run unchange
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# numeric option -> (lowest value, highest value or None, whether the lowest value itself is excluded)
+NUMBER_RANGES = [
+    ("learning_rate", 0.0, None, True),
+    ("adam_beta1", 0.0, 1.0, False),
+    ("adam_beta2", 0.0, 1.0, False),
+    ("adam_weight_decay", 0.0, None, False),
+    ("adam_epsilon", 0.0, None, True),
+    ("max_grad_norm", 0.0, None, True),
+    ("ema_decay", 0.0, 1.0, False),
+    ("lora_alpha", 0.0, None, True),
+    ("text_encoder_lora_alpha", 0.0, None, True),
+    ("lora_r", 1, None, False),
+    ("text_encoder_lora_r", 1, None, False),
+    ("lr_warmup_steps", 0, None, False),
+    ("ema_update_after_step", 0, None, False),
+    ("dataloader_num_workers", 0, None, False),
+    ("validation_inference_steps", 1, None, False),
+]
+OPTIONAL_NUMBERS = {"max_grad_norm"}
 
 
 @dataclass
@@ -22,6 +43,7 @@ class TrainConfig:
     instance_data_dir: str | None = None  # a folder of images; prompt = file stem (or metadata.jsonl/csv)
     instance_data_image: str | None = None  # one image (style training)
     instance_data_metadata: str | None = None  # ours: captions file for the folder (default: metadata.jsonl/csv in it)
+    skip_invalid_metadata: bool = False  # ours: skip (and count) unusable metadata rows instead of stopping
     image_key: str | None = None
     prompt_key: str | None = None
     prompt_prefix: str | None = None
@@ -97,6 +119,7 @@ class TrainConfig:
         for name in ("cond_dropout_prob", "min_masking_rate", "rect_mask_prob", "label_smoothing", "lora_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        problems += self._number_problems()
         if self.text_encoder_use_lora and not self.train_text_encoder:
             problems.append("--text_encoder_use_lora needs --train_text_encoder")
         if self.pre_encode and self.train_text_encoder:
@@ -107,6 +130,20 @@ class TrainConfig:
             problems.append(f"report_to must be 'none' or 'wandb', got {self.report_to!r}")
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+    def _number_problems(self) -> list[str]:
+        """The numeric options that must be finite and in their range (a NaN learning rate trains NaNs)."""
+        problems = []
+        for name, low, high, low_open in NUMBER_RANGES:
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_NUMBERS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+            elif value < low or (low_open and value == low) or (high is not None and value > high):
+                lower = f"> {low}" if low_open else f">= {low}"
+                problems.append(f"{name} must be {lower}" + (f" and <= {high}" if high is not None else "") + f", got {value}")
+        return problems
 
     @property
     def weight_dtype(self) -> torch.dtype:

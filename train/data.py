@@ -110,8 +110,23 @@ class Source:
         return f"{type(self).__name__} of {len(self)} examples"
 
 
+class MetadataError(ValueError):
+    """A captions file row that cannot be used: the message names the file and the line."""
+
+
 class ImageFolderSource(Source):
-    def __init__(self, folder: str | Path, prompt_key: str | None = None, metadata: str | Path | None = None):
+    """The images of a folder, captioned by their file names or by a metadata file (`metadata.jsonl` / `.csv`, or
+    the one given). Every metadata row must be readable, name an image of the folder once, and give a string
+    caption: any other row is an error naming its file and line, unless `skip_invalid_metadata`, when each such row
+    is skipped, logged and counted (`metadata_skipped`)."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        prompt_key: str | None = None,
+        metadata: str | Path | None = None,
+        skip_invalid_metadata: bool = False,
+    ):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"--instance_data_dir {self.folder} is not a folder")
@@ -120,7 +135,14 @@ class ImageFolderSource(Source):
         )
         if not self.paths:
             raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {self.folder}")
+        self.skip_invalid_metadata = skip_invalid_metadata
+        self.metadata_skipped: list[str] = []  # "file:line: why" of each row left out
         self.captions = self._read_metadata(metadata, prompt_key or "text")
+        if self.metadata_skipped:
+            log.warning("%d metadata row(s) skipped (--skip_invalid_metadata)", len(self.metadata_skipped))
+        uncaptioned = [p.name for p in self.paths if p.name not in self.captions]
+        if self.captions and uncaptioned:
+            log.warning("%d image(s) have no metadata row and are captioned by their file names: %s", len(uncaptioned), uncaptioned[:5])
 
     def _read_metadata(self, metadata, key: str) -> dict[str, str]:
         if metadata is None:
@@ -128,17 +150,33 @@ class ImageFolderSource(Source):
         if metadata is None:
             return {}
         metadata = Path(metadata)
+        if not metadata.is_file():
+            raise FileNotFoundError(f"--instance_data_metadata {metadata} does not exist")
         if metadata.suffix == ".jsonl":
-            rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+            rows = _jsonl_rows(metadata)
         elif metadata.suffix == ".csv":
-            with metadata.open(newline="") as f:
-                rows = list(csv.DictReader(f))
+            rows = _csv_rows(metadata)
         else:
             raise ValueError(f"metadata file {metadata} must be .jsonl or .csv")
-        missing = [i for i, r in enumerate(rows) if "file_name" not in r or key not in r]
-        if missing:
-            raise ValueError(f"{metadata}: rows {missing[:5]} lack 'file_name' or the prompt column {key!r}")
-        return {Path(r["file_name"]).name: str(r[key]) for r in rows}
+        images = {p.name for p in self.paths}
+        captions, first_line = {}, {}
+        for line, row in rows:
+            try:
+                name, caption = _caption(row, key, images)
+                if name in captions:
+                    raise ValueError(f"a second row for {name!r} (the first is on line {first_line[name]})")
+            except ValueError as e:
+                self._invalid(f"{metadata}:{line}: {e}")
+                continue
+            captions[name], first_line[name] = caption, line
+        return captions
+
+    def _invalid(self, problem: str) -> None:
+        """A metadata row that cannot be used: an error, or with skip_invalid_metadata a logged, counted skip."""
+        if not self.skip_invalid_metadata:
+            raise MetadataError(problem + " (pass --skip_invalid_metadata to skip such rows)")
+        log.warning("skipping metadata row %s", problem)
+        self.metadata_skipped.append(problem)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -155,7 +193,75 @@ class ImageFolderSource(Source):
 
     def describe(self) -> str:
         captions = f", {len(self.captions)} captions from metadata" if self.captions else ", prompts = file names"
-        return f"image folder {self.folder} ({len(self)} images{captions})"
+        skipped = f", {len(self.metadata_skipped)} metadata rows skipped" if self.metadata_skipped else ""
+        return f"image folder {self.folder} ({len(self)} images{captions}{skipped})"
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; a line that is not JSON raises."""
+    rows = []
+    for number, text in enumerate(_read_text(path).splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            rows.append((number, json.loads(text)))
+        except json.JSONDecodeError as e:
+            rows.append((number, ValueError(f"not valid JSON ({e.msg} at column {e.colno})")))
+    return rows
+
+
+def _csv_rows(path: Path) -> list[tuple[int, object]]:
+    """(line number where the row starts, {column: value}) of each row of a CSV file with a header. Rows with more
+    or fewer fields than the header are errors; so is a quote left open (strict parsing)."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as e:
+        raise MetadataError(f"{path}:1: cannot parse the CSV header ({e})") from None
+    rows, start = [], reader.line_num + 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise MetadataError(f"{path}:{start}: cannot parse the CSV row ({e}; an unterminated quote?)") from None
+        if fields:
+            if len(fields) != len(header):
+                rows.append((start, ValueError(f"{len(fields)} field(s), the header has {len(header)}")))
+            else:
+                rows.append((start, dict(zip(header, fields))))
+        start = reader.line_num + 1
+    return rows
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MetadataError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _caption(row, key: str, images: set[str]) -> tuple[str, str]:
+    """(image file name, caption) of one parsed metadata row; ValueError saying what is wrong with it."""
+    if isinstance(row, Exception):
+        raise row
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    missing = [k for k in ("file_name", key) if k not in row]
+    if missing:
+        raise ValueError(f"no {' or '.join(repr(k) for k in missing)} (the row has {sorted(row)})")
+    file_name, caption = row["file_name"], row[key]
+    if not isinstance(file_name, str) or not file_name:
+        raise ValueError(f"file_name must be a non-empty string, got {file_name!r}")
+    if not isinstance(caption, str):
+        raise ValueError(f"the caption {key!r} must be a string, got {caption!r}")
+    name = Path(file_name).name
+    if name not in images:
+        raise ValueError(f"file_name {file_name!r} matches no image in the folder")
+    return name, caption
 
 
 class SingleImageSource(Source):
@@ -233,13 +339,30 @@ def build_source(cfg) -> Source:
     given = [k for k in ("instance_data_dir", "instance_data_image", "instance_data_dataset") if getattr(cfg, k)]
     if len(given) != 1:
         raise ValueError(f"give exactly one of --instance_data_dir, --instance_data_image, --instance_data_dataset (got {given or 'none'})")
+    if cfg.instance_data_metadata and not cfg.instance_data_dir:
+        raise ValueError("--instance_data_metadata captions the images of --instance_data_dir; give that folder too")
     if cfg.instance_data_dir:
-        return ImageFolderSource(cfg.instance_data_dir, cfg.prompt_key, cfg.instance_data_metadata)
+        return ImageFolderSource(cfg.instance_data_dir, cfg.prompt_key, cfg.instance_data_metadata, cfg.skip_invalid_metadata)
     if cfg.instance_data_image:
         return SingleImageSource(cfg.instance_data_image)
     if not (cfg.image_key and cfg.prompt_key):
         raise ValueError("--instance_data_dataset needs --image_key and --prompt_key")
     return HFDatasetSource(cfg.instance_data_dataset, cfg.image_key, cfg.prompt_key, cfg.prompt_prefix)
+
+
+def check_readable(source: Source) -> None:
+    """Raise unless the source holds an image that can be read: an empty or all-corrupt source fails here, before
+    any model is loaded, not inside the data loader."""
+    if len(source) == 0:
+        raise ValueError(f"{source.describe()}: no examples to train on")
+    first = None
+    for i in range(len(source)):
+        try:
+            source.image(i)
+            return
+        except Exception as e:  # any decoding problem: try the next one
+            first = first or f"{source.name(i)}: {type(e).__name__}: {e}"
+    raise ValueError(f"none of the {len(source)} images of {source.describe()} can be read (the first: {first})")
 
 
 # --- datasets: what the loader yields ----------------------------------------------------------------------------------

@@ -399,7 +399,7 @@ def build(
     torch.manual_seed(recipe.seed)
     transformer = init_uvit_(UViT(recipe.uvit_config), recipe.seed)
     # the source names the VQ-GAN and text encoder: the loop's pre-encoded cache is keyed on it
-    source = f"train.train_default (VQ-GAN and text encoder {weights_digest(vqvae, text_encoder)})"
+    source = f"train.default_model (VQ-GAN and text encoder {weights_digest(vqvae, text_encoder)})"
     components = Components(
         transformer, vqvae, text_encoder, tokenizer,
         {**default_scheduler_config(recipe.uvit_config.mask_token_id), "sampling_defaults": dict(recipe.sampling_defaults)},

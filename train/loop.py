@@ -21,16 +21,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from convert import load_components, uvit_to_diffusers
-from convert.lora import CLIP_ALIASES, load_lora_into, save_lora
-from muse import Pipeline
+from convert.lora import (
+    CLIP_ALIASES,
+    MUSE_WEIGHT_NAME,
+    PEFT_WEIGHT_NAME,
+    inject_lora,
+    parse_adapters,
+    read_lora_file,
+    save_lora,
+)
+from convert.safe_load import read_safetensors, safetensors_header
+from muse import Pipeline, files
 from muse.text import encode_text
-from uvit.lora import inject_lora
+from uvit.lora import lora_layers, set_adapters
 
 from . import checkpoint, distributed
 from .config import TrainConfig
@@ -39,6 +48,7 @@ from .data import (
     ImageDataset,
     PreEncodedDataset,
     build_source,
+    check_readable,
     collate,
     fingerprint,
     pre_encode,
@@ -47,9 +57,14 @@ from .data import (
 from .ema import EMA
 from .masking import MaskingConfig, apply_masks, draw_masks, masked_cross_entropy
 from .optim import build_optimizer, build_scheduler, decay_groups, uvit_rename
+from .resume import check as resume_check
+from .resume import settings_of
 from .tracking import MemoryMonitor, Tracker, memory_stats, setup_logging
 
 log = logging.getLogger("train")
+
+# optimizer settings that are this run's own on resume (the saved state would otherwise replace them)
+OPTIMIZER_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 
 
 @dataclass
@@ -65,18 +80,20 @@ class TrainResult:
 def train(cfg: TrainConfig, components=None) -> TrainResult:
     """Run the training `cfg` describes. `components` (a convert.Components) skips loading the pretrained model:
     tests and notebooks pass models built in memory; it is trained in place."""
-    if cfg.max_train_steps is None:
-        raise ValueError("--max_train_steps is required")
+    preflight(cfg)  # the mistakes that need neither data nor model: before anything slow
+    source = build_source(cfg)
+    check_readable(source)
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out)
     dist = distributed.setup(cfg.device)
     device = dist.device
-    out = Path(cfg.output_dir)
     setup_logging(dist.main, out / cfg.logging_dir / "train.log")
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)  # a checkpoint folder, or None (a fresh start)
     # One seed for the run. The masks, conditioning dropout and data order are drawn for the global batch from
     # streams every process shares; torch's global RNG (LoRA dropout) differs per process, as data parallel wants.
-    resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)  # a checkpoint folder, or None (a fresh start)
     seed = cfg.seed if cfg.seed is not None else checkpoint.saved_seed(resume)  # a resumed run keeps its seed
     seed = dist.broadcast(seed if seed is not None else random.SystemRandom().randrange(2**31))
     torch.manual_seed(seed + dist.rank)
@@ -86,6 +103,8 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     if components is None:
         log.info("loading %s", cfg.pretrained_model_name_or_path)
         components = load_components(cfg.pretrained_model_name_or_path, variant=cfg.variant, revision=cfg.revision)
+    if resume is not None:  # before any state is loaded: refuse settings that shape the saved state differently
+        resume_check(resume, checkpoint.read_state(resume), cfg, components.transformer.config.to_dict())
     text_encoder = prepare_text_encoder(cfg, components.text_encoder, device)
     tokenizer = components.tokenizer
     vqvae = components.vqvae.requires_grad_(False).eval().to(device)  # the VQ-GAN stays fp32, as the reference
@@ -99,7 +118,6 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
         return cond.encoder_hidden_states, cond.prompt_embeds
 
     # --- data --------------------------------------------------------------------------------------------------------
-    source = build_source(cfg)
     dataset = ImageDataset(source, cfg.resolution, seed)
     log.info("data: %s", source.describe())
     if cfg.pre_encode:
@@ -377,23 +395,43 @@ def save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_enco
     checkpoint.save_torch(checkpoint.rng_state(), tmp / f"rng-rank{dist.rank}.pt")
     dist.barrier()
     if dist.main:
-        save_trained(transformer, tmp / "model.safetensors", cfg.use_lora, "transformer")
-        if cfg.train_text_encoder:
-            save_trained(text_encoder, tmp / "text_encoder.safetensors", cfg.text_encoder_use_lora, "text_encoder")
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-        checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-        state = {
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "generator": gen.get_state(),
-            "ema_updates": ema.num_updates if ema is not None else 0,
-        }
-        checkpoint.save_torch(state, tmp / "trainer_state.pt")
-        info = {"step": step, "position": position, "seed": seed, "world": dist.world, "use_lora": cfg.use_lora}
+        with _full_disk_reported(tmp):
+            _write_checkpoint_files(tmp, cfg, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
+        info = {"step": step, "position": position, "seed": seed, "world": dist.world, "use_lora": cfg.use_lora,
+                **settings_of(cfg, base_config(transformer))}
         final = checkpoint.commit(tmp, step, info, cfg.checkpoints_total_limit)
         log.info("saved %s", final)
     dist.barrier()
+
+
+@contextlib.contextmanager
+def _full_disk_reported(folder: Path):
+    """A full disk while a checkpoint is written is reported as such (the safetensors writer says "os error 28")."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if files.is_full_disk(e):
+            raise files.write_error(e, folder) from e
+        raise
+
+
+def _write_checkpoint_files(tmp, cfg, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen) -> None:
+    """The main process's files of a checkpoint (see train.checkpoint for the layout), into the temporary `tmp`."""
+    save_trained(transformer, tmp / "model.safetensors", cfg.use_lora, "transformer")
+    if cfg.train_text_encoder:
+        save_trained(text_encoder, tmp / "text_encoder.safetensors", cfg.text_encoder_use_lora, "text_encoder")
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+    checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+    state = {
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "generator": gen.get_state(),
+        "ema_updates": ema.num_updates if ema is not None else 0,
+    }
+    checkpoint.save_torch(state, tmp / "trainer_state.pt")
 
 
 def save_trained(module, path: Path, lora: bool, prefix: str) -> None:
@@ -404,13 +442,15 @@ def save_trained(module, path: Path, lora: bool, prefix: str) -> None:
 
 
 def load_checkpoint(path, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen) -> tuple[int, int]:
-    info = json.loads((path / checkpoint.DONE_FILE).read_text())
-    if info.get("use_lora", False) != cfg.use_lora:
-        raise ValueError(f"{path} was saved {'with' if info.get('use_lora') else 'without'} --use_lora; resume with the same setting")
+    """Load every saved state into this run's objects (its settings were checked by `resume_check` before)."""
+    info = checkpoint.read_state(path)
     load_trained(transformer, path / "model.safetensors", cfg.use_lora, "transformer")
     if cfg.train_text_encoder:
         load_trained(text_encoder, path / "text_encoder.safetensors", cfg.text_encoder_use_lora, "text_encoder")
+    hyper = [{k: g[k] for k in OPTIMIZER_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint.load_torch(path / "optimizer.pt"))
+    for group, values in zip(optimizer.param_groups, hyper):  # this run's betas, eps, decay, not the saved ones
+        group.update(values)
     state = checkpoint.load_torch(path / "trainer_state.pt")
     base_lrs = list(scheduler.base_lrs)  # this run's learning rate
     scheduler.load_state_dict(state["scheduler"])
@@ -425,7 +465,7 @@ def load_checkpoint(path, cfg, dist, transformer, text_encoder, optimizer, sched
     if ema is not None:
         if not (path / "ema.safetensors").is_file():
             raise ValueError(f"{path} has no EMA state but --use_ema is on")
-        ema.load_state_dict(load_file(str(path / "ema.safetensors")), state["ema_updates"])
+        ema.load_state_dict(read_safetensors(path / "ema.safetensors"), state["ema_updates"])
     rng = path / f"rng-rank{dist.rank}.pt"
     if rng.is_file():
         checkpoint.set_rng_state(checkpoint.load_torch(rng))
@@ -436,34 +476,118 @@ def load_checkpoint(path, cfg, dist, transformer, text_encoder, optimizer, sched
 
 def load_trained(module, path: Path, lora: bool, prefix: str) -> None:
     if lora:
-        load_lora_into(module, path, prefix=prefix)  # copies into the existing adapters (the optimizer's parameters)
+        load_adapters_in_place(module, path, prefix)
     else:
-        state = load_file(str(path))
+        state = read_safetensors(path)
         with torch.no_grad():
             missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def load_adapters_in_place(module, path: Path, prefix: str) -> None:
+    """Copy a checkpoint's LoRA adapters into the module's existing ones, whose parameters the optimizer holds. The
+    file must hold exactly those adapters, of the same ranks and alphas: anything else would swap in new modules
+    the optimizer never steps."""
+    safetensors_header(path)  # a missing, truncated or corrupt file names itself
+    tensors, metadata = read_lora_file(path)
+    try:
+        adapters = parse_adapters(tensors, metadata, module, prefix)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    layers = lora_layers(module)
+    problems = [f"{n}: not in the file" for n in sorted(set(layers) - set(adapters))]
+    problems += [f"{n}: not an adapted module of this run" for n in sorted(set(adapters) - set(layers))]
+    problems += [
+        f"{n}: rank {ad.rank} alpha {ad.alpha:g} saved, rank {layers[n].rank} alpha {layers[n].alpha:g} now"
+        for n, ad in adapters.items()
+        if n in layers and (ad.rank != layers[n].rank or ad.alpha != layers[n].alpha)
+    ]
+    if problems:
+        more = f" ... ({len(problems)} in all)" if len(problems) > 5 else ""
+        raise ValueError(f"{path} does not fit this run's LoRA adapters: " + "; ".join(problems[:5]) + more)
+    set_adapters(module, adapters)
+
+
+def base_config(transformer) -> dict:
+    """The U-ViT's config as a checkpoint records it (the same with or without adapters)."""
+    return transformer.config.to_dict()
+
+
 def save_final(out: Path, cfg: TrainConfig, transformer, text_encoder) -> None:
     """LoRA: the adapters in the diffusers/peft layout (pytorch_lora_weights.safetensors, loadable by diffusers and by
-    train.lora.load_lora_into) and in ours (lora.safetensors). Full: the U-ViT as a diffusers `transformer/` folder."""
+    convert.lora.load_lora_into) and in ours (lora.safetensors). Full: the U-ViT as a diffusers `transformer/` folder.
+    Each file (and each folder) is written beside its place and renamed into it when complete: a failure leaves the
+    previous one, never a half-written one."""
     out.mkdir(parents=True, exist_ok=True)
     te_lora = cfg.train_text_encoder and cfg.text_encoder_use_lora
     if cfg.use_lora:
         extra = {"text_encoder": text_encoder} if te_lora else None
-        for fmt in ("peft", "muse"):
-            path = save_lora(transformer, out, fmt=fmt, extra=extra)
-            log.info("LoRA adapters: %s", path)
+        for fmt, name in (("peft", PEFT_WEIGHT_NAME), ("muse", MUSE_WEIGHT_NAME)):
+            with files.atomic_path(out / name) as tmp:
+                save_lora(transformer, tmp, fmt=fmt, extra=extra)
+            log.info("LoRA adapters: %s", out / name)
     else:
-        folder = out / "transformer"
-        folder.mkdir(exist_ok=True)
-        config, state = uvit_to_diffusers(transformer)
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
-        log.info("trained U-ViT: %s", folder)
+        with files.atomic_folder(out / "transformer") as folder:
+            config, state = uvit_to_diffusers(transformer)
+            (folder / "config.json").write_text(json.dumps(config, indent=2))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+        log.info("trained U-ViT: %s", out / "transformer")
     if cfg.train_text_encoder and not te_lora:
-        text_encoder.save_pretrained(out / "text_encoder")
+        with files.atomic_folder(out / "text_encoder") as folder:
+            text_encoder.save_pretrained(folder)
     elif te_lora and not cfg.use_lora:
-        save_lora(text_encoder, out / "text_encoder_lora", fmt="peft", prefix="text_encoder")
-    (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        with files.atomic_folder(out / "text_encoder_lora") as folder:
+            save_lora(text_encoder, folder, fmt="peft", prefix="text_encoder")
+    files.write_text_atomic(out / "training_config.json", json.dumps(cfg.to_dict(), indent=2))
+
+
+# --- checks before the run ---------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """The mistakes found without loading anything, each a ValueError that names it: no step count, a device that is
+    not there, an output folder that is the base model's."""
+    if cfg.max_train_steps is None:
+        raise ValueError("--max_train_steps is required (the number of optimizer steps to train)")
+    check_device(cfg.device)
+    check_output_is_not_the_base_model(cfg.output_dir, cfg.pretrained_model_name_or_path)
+
+
+def check_device(spec: str | None) -> None:
+    """`--device`: a device torch knows, and for CUDA one this machine has."""
+    if spec is None:
+        return
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec!r} is not a device (for example cpu, cuda or cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: no CUDA GPU is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_output_is_not_the_base_model(output_dir: str, base: str | None) -> None:
+    """Training writes transformer/, text_encoder/ and checkpoints into --output_dir: never into the base model's
+    own folder, whose weights it would overwrite."""
+    if not base or not Path(base).is_dir():
+        return
+    out, model = Path(output_dir).resolve(), Path(base).resolve()
+    if out == model or model in out.parents:
+        where = "is" if out == model else "is inside"
+        raise ValueError(
+            f"--output_dir {output_dir} {where} the base model's folder {base}; training would write over or into "
+            "the base weights. Choose another --output_dir"
+        )
+
+
+def prepare_output_dir(out: Path) -> None:
+    """--output_dir: a folder (created if missing) this process can write, checked before anything slow."""
+    try:
+        files.check_writable(out, folder=True)
+    except ValueError as e:
+        raise ValueError(f"--output_dir: {e}") from None
+    except OSError as e:
+        raise OSError(e.errno, f"--output_dir: {e.strerror}") from None

@@ -7,7 +7,15 @@ this dataclass (`UViTConfig.from_dict`); the parameter names of the model itself
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+# the sizes and counts, which must be positive
+_POSITIVE = (
+    "hidden_size", "cond_embed_dim", "micro_cond_encode_dim", "micro_cond_embed_dim", "encoder_hidden_size", "vocab_size",
+    "codebook_size", "in_channels", "block_out_channels", "num_res_blocks", "block_num_heads", "num_hidden_layers",
+    "num_attention_heads", "intermediate_size", "sample_size",
+)
 
 
 @dataclass
@@ -43,7 +51,13 @@ class UViTConfig:
     sample_size: int = 16
 
     def __post_init__(self):
-        problems = []
+        problems = _type_problems(self)
+        if not problems:
+            problems = self._range_problems()
+        if problems:  # the divisibility checks below need positive integers
+            raise ValueError("invalid UViTConfig: " + "; ".join(problems))
+        self.hidden_dropout, self.attention_dropout = float(self.hidden_dropout), float(self.attention_dropout)
+        self.layer_norm_eps = float(self.layer_norm_eps)
         if self.hidden_size % self.num_attention_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.block_out_channels % self.block_num_heads:
@@ -60,6 +74,15 @@ class UViTConfig:
             problems.append("downsample and upsample must be both on or both off, or the token grid would change size")
         if problems:
             raise ValueError("invalid UViTConfig: " + "; ".join(problems))
+
+    def _range_problems(self) -> list[str]:
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in _POSITIVE if getattr(self, name) < 1]
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not self.layer_norm_eps > 0:
+            problems.append(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        return problems
 
     @property
     def mask_token_id(self) -> int:
@@ -121,3 +144,33 @@ class UViTConfig:
         if unknown and strict:
             raise ValueError(f"unknown U-ViT config keys: {unknown}")
         return cls(**{k: v for k, v in config.items() if k in names})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+# a field's annotation -> (check, what the check wants)
+_TYPE_CHECKS = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(_is_int(c) for c in v), "a list of integers"),
+}
+
+
+def _type_problems(config) -> list[str]:
+    """Fields whose value is not of the field's type (a config file saying "four" for a layer count)."""
+    problems = []
+    for f in dataclasses.fields(config):
+        check, wanted = _TYPE_CHECKS[f.type]
+        value = getattr(config, f.name)
+        if not check(value):
+            problems.append(f"{f.name} must be {wanted}, got {value!r}")
+    return problems

@@ -7,7 +7,11 @@ Field names follow the diffusers `VQModel` config so a `vqvae/config.json` reads
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+# the sizes and counts, which must be positive
+_POSITIVE = ("in_channels", "out_channels", "layers_per_block", "latent_channels", "num_vq_embeddings", "norm_num_groups", "sample_size")
 
 
 @dataclass
@@ -27,8 +31,13 @@ class VQGANConfig:
     force_upcast: bool = True
 
     def __post_init__(self):
+        problems = _type_problems(self)
+        if not problems:
+            problems = self._range_problems()
+        if problems:  # the divisibility checks below need positive integers
+            raise ValueError("invalid VQGANConfig: " + "; ".join(problems))
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
-        problems = []
+        self.scaling_factor = float(self.scaling_factor)
         if self.act_fn != "silu":
             problems.append(f"act_fn {self.act_fn!r} is not supported (only 'silu')")
         for c in self.block_out_channels:
@@ -38,6 +47,14 @@ class VQGANConfig:
             problems.append("block_out_channels is empty")
         if problems:
             raise ValueError("invalid VQGANConfig: " + "; ".join(problems))
+
+    def _range_problems(self) -> list[str]:
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in _POSITIVE if getattr(self, name) < 1]
+        if self.vq_embed_dim is not None and self.vq_embed_dim < 1:
+            problems.append(f"vq_embed_dim must be >= 1 or null, got {self.vq_embed_dim}")
+        if any(c < 1 for c in self.block_out_channels):
+            problems.append(f"block_out_channels entries must be >= 1, got {list(self.block_out_channels)}")
+        return problems
 
     @property
     def embed_dim(self) -> int:
@@ -102,3 +119,33 @@ class VQGANConfig:
             **self._FIXED,
         )
         return d
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+# a field's annotation -> (check, what the check wants)
+_TYPE_CHECKS = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(_is_int(c) for c in v), "a list of integers"),
+}
+
+
+def _type_problems(config) -> list[str]:
+    """Fields whose value is not of the field's type (a config file saying "four" for a layer count)."""
+    problems = []
+    for f in dataclasses.fields(config):
+        check, wanted = _TYPE_CHECKS[f.type]
+        value = getattr(config, f.name)
+        if not check(value):
+            problems.append(f"{f.name} must be {wanted}, got {value!r}")
+    return problems
