@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -32,6 +31,7 @@ from uvit import lora as layers
 from uvit.lora import Adapter, LoRALinear, Namer, get_adapters, merge_lora, set_adapters
 
 from .diffusers_keys import UVIT_KEYMAP
+from .safe_load import read_safetensors, safetensors_header
 
 PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 MUSE_WEIGHT_NAME = "lora.safetensors"
@@ -166,9 +166,9 @@ def _resolve_file(path: str | Path) -> Path:
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, safetensors header metadata) of a LoRA file or of the directory holding one."""
     file = _resolve_file(path)
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    # the header first: a text, pickle or truncated file is refused by name before anything is read
+    metadata = dict(safetensors_header(file).get("__metadata__") or {})
+    tensors = read_safetensors(file)
     peft_config = file.parent / "adapter_config.json"  # a PeftModel.save_pretrained folder keeps its LoraConfig here
     if PEFT_METADATA_KEY not in metadata and peft_config.is_file():
         metadata[PEFT_METADATA_KEY] = peft_config.read_text()
@@ -268,11 +268,15 @@ def load_lora_into(
     (a UViT, or a text encoder with prefix="text_encoder"). With `merge`, the update is folded into the base
     weights (fast inference; `unmerge_lora` takes it out again). Returns the adapted module names."""
     if isinstance(path_or_tensors, Mapping):
-        tensors, metadata = dict(path_or_tensors), {}
+        tensors, metadata, source = dict(path_or_tensors), {}, "the LoRA tensors"
     else:
         tensors, metadata = read_lora_file(path_or_tensors)
-    adapters = parse_adapters(tensors, metadata, model, prefix, alpha)
-    names = set_adapters(model, adapters)
+        source = str(path_or_tensors)
+    try:
+        adapters = parse_adapters(tensors, metadata, model, prefix, alpha)
+        names = set_adapters(model, adapters)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     if merge:
         merge_lora(model)
     return names

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import arguments
+from . import arguments, files
 from .evaluation import command as evaluation_command
 from .images import MASK_MODES, load_image, make_grid
 from .pipeline import Pipeline
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="aMUSEd in pure PyTorch: generation, evaluation, "
                                      "conversion and training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: MUSE_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_parser in _REGISTRY:
         add_parser(subparsers)
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _passthrough_command(argv: list[str]) -> int | None:
     """Index of a hand-on command in argv (after the global options), or None."""
     for i, arg in enumerate(argv):
-        if arg in ("-v", "--verbose"):
+        if arg in ("-v", "--verbose", "--debug"):
             continue
         return i if arg in PASSTHROUGH else None
     return None
@@ -119,11 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    debug = args.debug or os.environ.get("MUSE_DEBUG", "") not in ("", "0")
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input, a missing or unwritable path, a full disk: one line, no traceback
+        if debug:
+            raise
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def error_message(error: BaseException) -> str:
+    """One line saying what went wrong (an OSError as 'path: reason')."""
+    if isinstance(error, OSError) and error.strerror and not str(error).startswith(str(error.filename or "\0")):
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 # --- the generation commands -----------------------------------------------------------------------------------------
@@ -134,13 +151,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded default model)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
     # None = the model's declared default, else the reference's (12 steps, guidance 10, temperature 2,0)
-    p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the model's, else 12)")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--steps", type=arguments.positive_int, default=None, help="decoding steps (default: the model's, else 12)")
+    p.add_argument("--guidance-scale", type=arguments.finite_float, default=None,
                    help="classifier-free guidance, on when > 1 (default: the model's, else 10)")
     p.add_argument("--temperature", type=arguments.temperature, default=None,
                    help="re-masking temperature T or 'start,end' (default: the model's, else 2,0)")
-    p.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: a random seed, printed)")
-    p.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
+    p.add_argument("--seed", type=arguments.seed, default=None,
+                   help="image i uses seed + i, in [0, 2**63) (default: a random seed, printed)")
+    p.add_argument("--num-images", type=arguments.positive_int, default=1, help="images to make (default 1)")
     p.add_argument("--out", type=Path, default=None, help="a .png file, or a folder (default: muse-<command>.png)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.add_argument("--dtype", choices=arguments.DTYPES, default=None, help="weights' dtype (default float32)")
@@ -151,8 +169,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def add_generate(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="text to image", description="Generate images from a text prompt.")
     _add_common(p)
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's size)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's size)")
+    p.add_argument("--height", type=arguments.positive_int, default=None,
+                   help="pixels, a multiple of 16 (default: the model's size)")
+    p.add_argument("--width", type=arguments.positive_int, default=None,
+                   help="pixels, a multiple of 16 (default: the model's size)")
     p.set_defaults(func=run_generate)
     return p
 
@@ -162,7 +182,7 @@ def add_img2img(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("img2img", help="image to image", description="Re-generate an image guided by a prompt.")
     _add_common(p)
     p.add_argument("--image", type=Path, required=True, help="the starting image (sides multiples of 16 px)")
-    p.add_argument("--strength", type=float, default=0.5, help="in (0, 1]: how much to change (default 0.5)")
+    p.add_argument("--strength", type=arguments.finite_float, default=0.5, help="in (0, 1]: how much to change (default 0.5)")
     p.set_defaults(func=run_img2img)
     return p
 
@@ -173,15 +193,20 @@ def add_inpaint(subparsers) -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--image", type=Path, required=True, help="the image (sides multiples of 16 px)")
     p.add_argument("--mask", type=Path, required=True, help="the mask, same size as the image: white = repaint")
-    p.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1)")
+    p.add_argument("--strength", type=arguments.finite_float, default=1.0, help="in (0, 1] (default 1)")
     p.add_argument("--paste-unmasked", action="store_true", help="put the original pixels back outside the mask")
     p.set_defaults(func=run_inpaint)
     return p
 
 
 def _load(args):
-    """Check the output arguments (before the slow part), then load the pipeline."""
-    _output_paths(_out(args), args.num_images)
+    """Check the output location and the device (before the slow part), then load the pipeline."""
+    paths, grid = _output_paths(_out(args), args.num_images)
+    for path in paths + ([grid] if grid is not None else []):
+        files.check_writable(path)
+    arguments.check_device(args.device)
+    if args.seed is not None and args.seed + args.num_images > arguments.SEED_LIMIT:
+        raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} runs past the largest seed 2**63 - 1")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     log.info("loading %s", args.model or "the embedded default model")
     return Pipeline.from_pretrained(args.model, dtype=dtype, device=args.device, variant=args.variant)
@@ -248,10 +273,10 @@ def save_images(images, out: Path) -> list[Path]:
     it and their grid goes to `out`. Any other `out` is a folder: image-<i>.png, plus grid.png for several."""
     paths, grid = _output_paths(out, len(images))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for image, path in zip(images, paths):
-        image.save(path)
+    for image, path in zip(images, paths):  # each to a temporary file renamed into place: an old file is never lost
+        files.save_png_atomic(image, path)
     if grid is not None:
-        make_grid(images).save(grid)
+        files.save_png_atomic(make_grid(images), grid)
         paths.append(grid)
     return paths
 

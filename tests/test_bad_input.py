@@ -629,6 +629,94 @@ def test_muse_refuses_an_unreadable_image_in_one_line(command, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "good.png"]
 
 
+# --- muse generate / img2img / inpaint: checked before the model loads ------------------------------------------------
+
+CLI_CASES = [
+    # (arguments after the prompt, a piece of the one-line message)
+    (["--guidance-scale", "nan"], "expected a finite number, got 'nan'"),
+    (["--guidance-scale", "inf"], "expected a finite number, got 'inf'"),
+    (["--temperature", "nan"], "of finite numbers, got 'nan'"),
+    (["--temperature", "inf,0"], "of finite numbers, got 'inf,0'"),
+    (["--height", "0"], "expected an integer >= 1, got '0'"),
+    (["--steps", "0"], "expected an integer >= 1, got '0'"),
+    (["--num-images", "-2"], "expected an integer >= 1"),
+    (["--seed", "-1"], "a seed is an integer in [0, 2**63), got -1"),
+    (["--seed", str(2**64 - 1)], "a seed is an integer in [0, 2**63)"),
+    (["--seed", str(2**63 - 1), "--num-images", "2"], "runs past the largest seed"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+]
+
+
+@pytest.mark.parametrize("extra, message", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])
+def test_muse_generate_refuses_bad_options_in_one_line(extra, message, tmp_path, capsys):
+    """argparse's errors (exit 2, usage + one line) or ours (one line): either way nothing loads or is written."""
+    from muse.cli import main
+
+    out = tmp_path / "out.png"
+    try:
+        code = main(["generate", "a cat", "--out", str(out), "--model", str(tmp_path / "no-model"), *extra])
+    except SystemExit as e:  # argparse refuses a bad value before anything runs
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, capsys):
+    from muse.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("old")
+    assert main(["generate", "a cat", "--out", str(blocker / "out.png"), "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0] and "no-model" not in err[0]  # refused before loading anything
+    assert blocker.read_text() == "old"
+
+
+def test_muse_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from muse.cli import main
+
+    argv = ["generate", "a cat", "--out", str(tmp_path / "o.png"), "--model", str(tmp_path / "no-model")]
+    with pytest.raises(ValueError):
+        main(["--debug", *argv])
+    monkeypatch.setenv("MUSE_DEBUG", "1")
+    with pytest.raises(ValueError):
+        main(argv)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"not a safetensors file at all", "header"), (b"\x80\x04\x95 pickle", "header"), (None, "")],
+    ids=["text", "pickle", "truncated"],
+)
+def test_load_lora_on_a_bad_file_names_the_path(content, message, pipe, tmp_path):
+    from convert.lora import inject_lora, save_lora
+
+    path = tmp_path / "lora.safetensors"
+    if content is None:  # a real adapter file cut short
+        adapted = type(pipe.transformer)(pipe.transformer.config)
+        inject_lora(adapted, ["q"], rank=2, alpha=2)
+        save_lora(adapted, path)
+        path.write_bytes(path.read_bytes()[:-40])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        pipe.load_lora(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_load_lora_that_does_not_fit_names_the_path(pipe, tmp_path):
+    from convert.lora import inject_lora, save_lora
+    from uvit import UViT, UViTConfig
+
+    wide = UViT(UViTConfig.tiny(hidden_size=96, num_attention_heads=4, intermediate_size=128))
+    inject_lora(wide, ["q"], rank=2, alpha=2)
+    path = save_lora(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(ValueError, match=f"{path}: .*do not fit"):
+        pipe.load_lora(path)
+
+
 # --- writing files: whole or not at all -------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from convert.lora import (
 )
 from convert.safe_load import read_safetensors, safetensors_header
 from muse import Pipeline, files
+from muse.arguments import check_device
 from muse.text import encode_text
 from uvit.lora import lora_layers, set_adapters
 
@@ -552,21 +553,6 @@ def preflight(cfg: TrainConfig) -> None:
         raise ValueError("--max_train_steps is required (the number of optimizer steps to train)")
     check_device(cfg.device)
     check_output_is_not_the_base_model(cfg.output_dir, cfg.pretrained_model_name_or_path)
-
-
-def check_device(spec: str | None) -> None:
-    """`--device`: a device torch knows, and for CUDA one this machine has."""
-    if spec is None:
-        return
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {spec!r} is not a device (for example cpu, cuda or cuda:1)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: no CUDA GPU is available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def check_output_is_not_the_base_model(output_dir: str, base: str | None) -> None:

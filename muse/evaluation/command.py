@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..arguments import DTYPES, temperature_pair
+from ..arguments import DTYPES, finite_float, temperature_pair
 from .clip_score import ClipScorer
 from .errors import MissingWeightsError
 from .evaluate import evaluate
@@ -56,7 +56,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="model folder or hub id (default: the embedded default model)")
     g.add_argument("--checkpoints", nargs="+", default=None, help="several models to compare (instead of --model)")
     g.add_argument("--loras", nargs="+", type=_optional, default=[None], help="LoRA adapter files; 'none' = no adapter")
-    g.add_argument("--guidance-scales", nargs="+", type=float, default=[10.0])
+    g.add_argument("--guidance-scales", nargs="+", type=finite_float, default=[10.0])
     g.add_argument("--steps", nargs="+", type=int, default=[12], help="numbers of decoding steps")
     g.add_argument("--temperatures", nargs="+", type=temperature_pair, default=[(2.0, 0.0)], help="re-masking temperatures 'start,end'")
     g.add_argument("--masking-schedules", nargs="+", type=_optional, default=[None],

@@ -10,6 +10,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from ..arguments import finite_float, positive_int
 from ..arguments import temperature as temperature_arg
 from ..pipeline import Pipeline
 from .domain import SPLITS, captions, sample_scenes
@@ -74,14 +75,14 @@ def add_parser(subparsers):
         "(background, colour, shape, size, position) that a pixel-only judge finds right.",
     )
     p.add_argument("--model", default=None, help="model folder or id (default: the embedded model)")
-    p.add_argument("--per-triple", type=int, default=2, help="prompts per held-out (colour, background, shape) triple")
+    p.add_argument("--per-triple", type=positive_int, default=2, help="prompts per held-out (colour, background, shape) triple")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
-    p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the pipeline's)")
+    p.add_argument("--guidance-scale", type=finite_float, default=None, help="default: the pipeline's")
+    p.add_argument("--steps", type=positive_int, default=None, help="decoding steps (default: the pipeline's)")
     p.add_argument("--temperature", type=temperature_arg, default=None,
                    help="re-masking temperature T or 'start,end' (default: the pipeline's)")
-    p.add_argument("--sampling-temperature", type=float, default=None, help="divides the logits before each draw (default 1)")
+    p.add_argument("--sampling-temperature", type=finite_float, default=None, help="divides the logits before each draw (default 1)")
     p.add_argument("--masking-schedule", default=None, help="cosine, linear, arccos, power:<p> (default: the pipeline's)")
     p.add_argument("--split", default="heldout", choices=["heldout", "train"],
                    help="heldout: the goal's prompts; train: the training combinations (is an error composition or drawing?)")
