@@ -41,7 +41,7 @@ RECIPES = {  # name -> TrainConfig overrides (learning rates of the published re
     "lora": dict(learning_rate=8e-4, use_lora=True),
     "lora-pre-encoded": dict(learning_rate=8e-4, use_lora=True, pre_encode=True),
 }
-# published aMUSEd README (amused.md section 5): GB at batch 1 and the accumulation of that row
+# the published aMUSEd README: GB at batch 1 and the accumulation of that row
 PUBLISHED = {
     ("256", "full"): (17.9, 8),
     ("256", "full-8bit"): (10.7, 16),

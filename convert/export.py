@@ -1,4 +1,4 @@
-"""Ours -> a diffusers AmusedPipeline folder, in the published layout (amused.md section 1), so a model fine-tuned
+"""Ours -> a diffusers AmusedPipeline folder, in the published layout, so a model fine-tuned
 here loads in diffusers unchanged: `AmusedPipeline.from_pretrained(DIR)` (with `variant=` when one was written).
 
 Written without importing diffusers: the configs are the JSON diffusers itself writes, the weights safetensors with

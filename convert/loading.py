@@ -115,7 +115,7 @@ def _network_from_folder(folder: Path, variant, dtype, stems, class_name, build:
 
 
 def load_published(folder: str | Path, dtype: torch.dtype | None = None, variant: str | None = None, progress=None) -> Components:
-    """A diffusers aMUSEd pipeline folder (amused.md section 1) -> our Components."""
+    """A diffusers aMUSEd pipeline folder (model_index.json + one folder per component) -> our Components."""
     folder = Path(folder)
     index_path = folder / DIFFUSERS_MARKER
     index = read_json(index_path, "pipeline index")

@@ -9,7 +9,7 @@ Files:
     `UVit2DModel.load_lora_adapter(dir, prefix="transformer")` rebuilds the same adapter with the same scale.
   Reading accepts both, plus peft files without metadata (then alpha = rank, as diffusers assumes), kohya-style
   `<module>.alpha` entries, and `PeftModel.save_pretrained` folders (adapter_model.safetensors + adapter_config.json,
-  what the reference's generate_images.py loads).
+  what the reference's image-generation script loads).
 
 Module names: the U-ViT's are mapped to diffusers' through the converter's key map (`module_namer`); a transformers
 CLIP text encoder's are the same in every library.

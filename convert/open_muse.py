@@ -13,7 +13,7 @@ It is recognised by `transformer/config.json` naming a MaskGiTUViT class. Pickle
 weights-only unpickler. There is no scheduler config: the mask id is vocab_size - 1 and the schedule cosine, as in
 open-muse.
 
-Names (amused.md section 6) are mapped through diffusers' names: ours -> diffusers (`convert.diffusers_keys`) ->
+Names are mapped through diffusers' names: ours -> diffusers (`convert.diffusers_keys`) ->
 open-muse (the renames below). The one tensor that is not a rename is the GEGLU input projection: open-muse computes
 `gelu(wi_0 x) * wi_1 x`, diffusers and we keep one matrix whose first half is the value (wi_1) and whose second half
 is the gate (wi_0), so ours = cat([wi_1, wi_0], dim=0).

@@ -1,9 +1,9 @@
 """Faster execution of the U-ViT inside the decoding loop, without changing what it computes.
 
 `CUDAGraphForward` records the U-ViT's `forward_prepared` once per input shape in a CUDA graph and replays it at every
-step: the ~1,000 kernel launches of a forward become one, which is what dominates small-batch GPU decoding (measured
-in benchmarks/results/gpu_quick_h100.md: 256 px, batch 1, fp16 on an H100, 12 steps end to end, 119 ms against
-763 ms eager). Same kernels, same inputs: the logits equal the eager forward's.
+step: the ~1,000 kernel launches of a forward become one, which is what dominates small-batch GPU decoding (the
+measured effect is in benchmarks/results/gpu_quick_h100.md). Same kernels, same inputs: the logits equal the eager
+forward's.
 """
 
 from __future__ import annotations

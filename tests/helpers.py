@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -154,3 +155,47 @@ def muse_main(args: list[str]) -> int:
     from muse.cli import main
 
     return main(list(args))
+
+
+# --- parity of whole pipeline calls ------------------------------------------------------------------------------------
+
+
+class LastTokens:
+    """A pipeline callback keeping the tokens after the last step it sees."""
+
+    def __init__(self):
+        self.tokens = None
+
+    def __call__(self, step, timestep, tokens):
+        self.tokens = tokens.clone()
+
+
+def run_reference(pipe, seed: int, **kwargs):
+    """A diffusers pipeline call -> (final tokens, images as float arrays)."""
+    cb = LastTokens()
+    images = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", callback=cb, **kwargs).images
+    return cb.tokens, images
+
+
+def run_ours(call, seed: int, *args, **kwargs):
+    """One of our pipeline calls (the pipeline itself, or its img2img / inpaint) -> (final tokens, float arrays)."""
+    cb = LastTokens()
+    images = call(*args, generator=torch.Generator().manual_seed(seed), output_type="np", callback=cb,
+                  progress_bar=False, **kwargs)
+    return cb.tokens, images
+
+
+def assert_same_outputs(ours_out, theirs_out, pixel_tol: float, varied: bool = False) -> None:
+    """Token ids exactly equal, pixels within `pixel_tol`; with `varied`, the images are not flat."""
+    (t_ours, im_ours), (t_theirs, im_theirs) = ours_out, theirs_out
+    assert t_ours.shape == t_theirs.shape and torch.equal(t_ours, t_theirs)
+    assert im_ours.shape == im_theirs.shape and np.abs(im_ours - im_theirs).max() <= pixel_tol
+    if varied:
+        assert im_ours.std() > 0.05  # a real image, not a constant one (random weights still give varied pixels)
+
+
+def assert_same_gradients(plain: dict, checkpointed: dict) -> None:
+    """Gradient checkpointing recomputes the same arithmetic: every parameter's gradient is bit-equal."""
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)

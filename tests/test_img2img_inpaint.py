@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from muse import Pipeline
+from tests.helpers import assert_same_outputs, run_ours, run_reference
 
 PIXEL_TOL = 1e-5
 FEW_STEPS = 4
@@ -78,30 +79,8 @@ def blob_mask(seed=0, size=SIZE) -> PIL.Image.Image:
     return PIL.Image.fromarray((np.clip(v + 0.5, 0, 1) * 255).astype(np.uint8))
 
 
-class LastTokens:
-    def __init__(self):
-        self.tokens = None
-
-    def __call__(self, step, timestep, tokens):
-        self.tokens = tokens.clone()
-
-
-def run_reference(pipe, seed, **kwargs):
-    cb = LastTokens()
-    images = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", callback=cb, **kwargs).images
-    return cb.tokens, images
-
-
-def run_ours(method, seed, *args, **kwargs):
-    cb = LastTokens()
-    images = method(*args, generator=torch.Generator().manual_seed(seed), output_type="np", callback=cb, progress_bar=False, **kwargs)
-    return cb.tokens, images
-
-
 def assert_same(ours_out, theirs_out):
-    (t_ours, im_ours), (t_theirs, im_theirs) = ours_out, theirs_out
-    assert torch.equal(t_ours, t_theirs)
-    assert im_ours.shape == im_theirs.shape and np.abs(im_ours - im_theirs).max() <= PIXEL_TOL
+    assert_same_outputs(ours_out, theirs_out, PIXEL_TOL)
 
 
 class FirstInput:

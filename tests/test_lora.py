@@ -179,7 +179,7 @@ def test_adapter_saved_by_diffusers_loads_into_ours_with_the_same_logits(tmp_pat
 
 
 def test_peft_model_folder_loads_into_ours(tmp_path):
-    """A PeftModel.save_pretrained folder (what the reference's generate_images.py loads with PeftModel)."""
+    """A PeftModel.save_pretrained folder (what the reference's image-generation script loads with PeftModel)."""
     from peft import LoraConfig, get_peft_model
 
     ref, ours = reference_and_ours()

@@ -1,9 +1,9 @@
 """open-muse original checkpoints (MaskGiTUViT_v2 + taming VQGANModel) convert to ours and compute what diffusers
 computes on the same weights.
 
-The original-layout state dicts are built here from the diffusers reference weights with the renames of amused.md
+The original-layout state dicts are built here from the diffusers reference weights with the renames of the original checkpoints
 section 6, written out independently of `convert.open_muse`; their names and shapes are checked against the key
-lists of the real checkpoints (/work/shared/reference/keys/open_muse_*), and the GEGLU split against open-muse's own
+lists of the real checkpoints (tests/data/keys/open_muse_*), and the GEGLU split against open-muse's own
 formula gelu(wi_0 x) * wi_1 x. Tolerances as in test_loading (U-ViT logits 1e-4 relative, VQ ids exact, pixels 1e-5).
 """
 
@@ -22,12 +22,10 @@ import convert
 from convert.open_muse import forward_flat, uvit_from_open_muse, vqgan_from_open_muse
 from tests.helpers import uvit_config, vqgan_config
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
-if not KEYS.is_dir():
-    KEYS = Path("/work/shared/reference/keys")
+KEYS = Path(__file__).resolve().parent / "data" / "keys"  # the key lists of the published and original checkpoints
 
 
-# --- diffusers -> open-muse, from amused.md section 6 ---------------------------------------------------------------
+# --- diffusers -> open-muse: the renames of the original checkpoints -------------------------------------------------
 
 _UVIT_RENAMES = [  # applied in order, first match wins; on diffusers UVit2DModel names
     (r"cond_embed\.linear_(\d)\.", lambda m: f"cond_embed.{2 * (int(m[1]) - 1)}."),

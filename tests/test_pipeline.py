@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from muse import Pipeline
+from tests.helpers import assert_same_outputs, run_ours, run_reference
 
 PIXEL_TOL = 1e-5
 FEW_STEPS = 4  # for tests of our own behaviour, where the reference is not involved
@@ -40,36 +41,6 @@ def reference(reference_pipelines):
         return pipe
 
     return get
-
-
-class LastTokens:
-    """A callback keeping the tokens after the last step it sees."""
-
-    def __init__(self):
-        self.tokens = None
-
-    def __call__(self, step, timestep, tokens):
-        self.tokens = tokens.clone()
-
-
-def run_reference(pipe, seed, **kwargs):
-    cb = LastTokens()
-    images = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", callback=cb, **kwargs).images
-    return cb.tokens, images
-
-
-def run_ours(pipe, seed, **kwargs):
-    cb = LastTokens()
-    images = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", callback=cb, progress_bar=False, **kwargs)
-    return cb.tokens, images
-
-
-def assert_same(ours_out, theirs_out):
-    (t_ours, im_ours), (t_theirs, im_theirs) = ours_out, theirs_out
-    assert t_ours.shape == t_theirs.shape and torch.equal(t_ours, t_theirs)
-    assert im_ours.shape == im_theirs.shape
-    assert np.abs(im_ours - im_theirs).max() <= PIXEL_TOL
-    assert im_ours.std() > 0.05  # a real image, not a constant one (random weights still give varied pixels)
 
 
 # --- parity ------------------------------------------------------------------------------------------------------
@@ -228,3 +199,7 @@ def test_bad_input_is_refused_clearly(case, ours):
     pipe = ours(args.pop("kind", "tiny-256"))
     with pytest.raises((ValueError, TypeError), match=message):
         pipe(progress_bar=False, **args)
+
+
+def assert_same(ours_out, theirs_out):
+    assert_same_outputs(ours_out, theirs_out, PIXEL_TOL, varied=True)

@@ -65,7 +65,7 @@ def test_mask_counts_match_reference(schedule, seq_len):
 
 
 def test_cosine_counts_for_256_tokens_match_the_documented_list():
-    # amused.md section 4, read off the reference (fp32: 127, not 128, after step 8)
+    # read off the reference (fp32: 127, not 128, after step 8)
     documented = [253, 247, 236, 221, 203, 181, 155, 127, 97, 66, 33, 0]
     assert our_counts("cosine", 256) == documented
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 REPO = Path(__file__).resolve().parents[1]
 
-# every option of the reference train_amused.py (amused.md section 8)
+# every option of the reference's fine-tuning script
 REFERENCE_FLAGS = """
 pretrained_model_name_or_path revision variant instance_data_dataset instance_data_dir instance_data_image
 use_8bit_adam dataloader_num_workers allow_tf32 use_ema ema_decay ema_update_after_step adam_beta1 adam_beta2

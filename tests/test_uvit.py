@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from convert import uvit_from_diffusers
 from convert.diffusers_keys import UVIT_KEYMAP
 from convert.mapping import tensors_to_theirs
-from tests.helpers import randomize_, uvit_config
+from tests.helpers import assert_same_gradients, randomize_, uvit_config
 from uvit import UViT, UViTConfig
 
 REL_TOL = 1e-4
@@ -196,9 +196,7 @@ def test_gradient_checkpointing_gives_equal_gradients(reference_pipelines, kind)
     inputs = uvit_inputs(model.config, 2, (4, 6), 5)
     plain = _loss_gradients(model, inputs)
     checkpointed = _loss_gradients(model.enable_gradient_checkpointing(), inputs)
-    assert plain.keys() == checkpointed.keys()
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
+    assert_same_gradients(plain, checkpointed)
 
 
 def test_gradient_checkpointing_recomputes_blocks(reference_pipelines):
@@ -224,10 +222,10 @@ def test_gradient_checkpointing_recomputes_blocks(reference_pipelines):
 
 
 def test_reference_gradient_checkpointing_does_not_work(reference_pipelines):
-    """Informative, about the reference: its gradient checkpointing is unusable (amused.md, section 2), which is why
+    """Informative, about the reference: its gradient checkpointing is unusable, which is why
     ours is tested above. diffusers 0.42 raises a TypeError on any forward with grad; older versions ran without
     checkpointing anything. Either way a block's forward runs only once, or not at all. This fails only if the
-    reference's checkpointing starts working (then amused.md needs updating). Runs on a fresh model of the same config."""
+    reference's checkpointing starts working (then README's list of its defects needs updating). Runs on a fresh model of the same config."""
     from diffusers import UVit2DModel
 
     ref = reference_pipelines("tiny-256").transformer

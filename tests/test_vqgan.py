@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from convert import vqgan_from_diffusers
 from convert.diffusers_keys import VQGAN_KEYMAP
 from convert.mapping import tensors_to_theirs
-from tests.helpers import randomize_
+from tests.helpers import assert_same_gradients, randomize_
 from vqgan import VQGAN, VQGANConfig
 
 PIXEL_TOL = 1e-5
@@ -148,9 +148,7 @@ def test_gradient_checkpointing_gives_equal_gradients(reference_pipelines):
     pixels = smooth_images(2, *image_size(model))
     plain = _training_gradients(model, pixels)
     checkpointed = _training_gradients(model.enable_gradient_checkpointing(), pixels)
-    assert plain.keys() == checkpointed.keys()
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
+    assert_same_gradients(plain, checkpointed)
 
 
 def test_gradient_checkpointing_recomputes_blocks(reference_pipelines):

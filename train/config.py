@@ -1,5 +1,5 @@
 """Everything a training run is told, as one dataclass. Field names and defaults are those of the reference script's
-flags (diffusers `examples/amused/train_amused.py`), so its recipes run unchanged; our additions are marked."""
+flags (the reference's aMUSEd fine-tuning script in diffusers' examples), so its recipes run unchanged; our additions are marked."""
 
 from __future__ import annotations
 

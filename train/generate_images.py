@@ -1,4 +1,4 @@
-"""`python -m train.generate_images`: step 1 of the style recipe (the reference's `generate_images.py`): images of a
+"""`python -m train.generate_images`: step 1 of the style recipe (the reference's image-generation step): images of a
 fixed list of prompts "<subject> in <style descriptor> style" from a base model plus a trained transformer
 (`--load_transformer_from`, a `transformer/` folder or the output folder holding one) or LoRA adapter
 (`--load_transformer_lora_from`, our or the peft format, a file or the output folder). One PNG per prompt, named
