@@ -778,13 +778,13 @@ def test_torch_save_on_a_full_disk_says_so(tmp_path, monkeypatch):
 def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
     """torch.save's own report of a full disk is "unexpected pos"; the command says what happened."""
     from muse import files
-    from train import checkpoint, loop
+    from train import checkpoint, cli
 
     def train_until_the_disk_is_full(cfg):
         monkeypatch.setattr(files, "open", FullDisk(room=300), raising=False)
         checkpoint.save_torch({"state": torch.zeros(1000)}, checkpoint.begin(cfg.output_dir, 1) / "optimizer.pt")
 
-    monkeypatch.setattr(loop, "train", train_until_the_disk_is_full)
+    monkeypatch.setattr(cli, "train", train_until_the_disk_is_full)  # the command's training call
     code, err = run_train(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--max_train_steps", "1",
                            "--output_dir", str(tmp_path / "run")], capsys)
     lines = err.strip().splitlines()
