@@ -4,6 +4,7 @@
     muse generate "a photo of a cat" --model amused/amused-256 --seed 0 --num-images 4 --out cats/
     muse img2img "a watercolour" --image photo.png --strength 0.6 --out edit.png
     muse inpaint "a red ball" --image photo.png --mask mask.png --out filled.png
+    muse generate "a blue circle on a yellow background" --sampler remask:eta=0.2 --guidance-interval 2,10
     muse evaluate ...        CLIP score, FID and seconds per image over a grid of settings (muse.evaluation)
     muse shapes-eval ...     prompt adherence of a shapes-domain model, judged from pixels (muse.shapes)
     muse convert SRC DST     checkpoints between formats (the same as `python -m convert`)
@@ -156,6 +157,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance, on when > 1 (default: the model's, else 10)")
     p.add_argument("--temperature", type=arguments.temperature, default=None,
                    help="re-masking temperature T or 'start,end' (default: the model's, else 2,0)")
+    p.add_argument("--sampler", type=arguments.sampler, default=None, metavar="NAME[:key=value,...]",
+                   help="which positions stay masked after each step: confidence (the reference, default), halton, "
+                   "random, remask; parameters after a colon, e.g. remask:eta=0.2,strategy=cap or "
+                   "halton:random_offset=true (see docs/sampling.md)")
+    p.add_argument("--guidance-interval", type=arguments.step_interval, default=None, metavar="START,END",
+                   help="guide only the 0-based steps START <= i < END of the --steps (default: every step)")
+    p.add_argument("--guidance-schedule", type=arguments.guidance_schedule, default=None,
+                   help="constant (default), linear, cosine, power-cosine or power-cosine:<exponent>")
+    p.add_argument("--sampling-temperature", type=arguments.sampling_temperature, default=None, metavar="T|START,END",
+                   help="divides the logits before each token draw; START,END anneals it over the steps (default 1)")
     p.add_argument("--seed", type=arguments.seed, default=None,
                    help="image i uses seed + i, in [0, 2**63) (default: a random seed, printed)")
     p.add_argument("--num-images", type=arguments.positive_int, default=1, help="images to make (default 1)")
@@ -205,6 +216,7 @@ def _load(args):
     for path in paths + ([grid] if grid is not None else []):
         files.check_writable(path)
     arguments.check_device(args.device)
+    arguments.check_steps(args.steps, args.guidance_interval, args.sampler)  # without --steps: the pipeline checks
     if args.seed is not None and args.seed + args.num_images > arguments.SEED_LIMIT:
         raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} runs past the largest seed 2**63 - 1")
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -215,7 +227,15 @@ def _load(args):
 def _options(args, pipe) -> dict:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     log.info("seed %d", seed)
-    given = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, temperature=args.temperature)
+    given = dict(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        sampler=args.sampler,
+        guidance_interval=args.guidance_interval,
+        guidance_schedule=args.guidance_schedule,
+        sampling_temperature=args.sampling_temperature,
+    )
     return dict(
         negative_prompt=args.negative_prompt,
         num_images_per_prompt=args.num_images,
