@@ -35,7 +35,7 @@ from . import arguments, files
 from .evaluation import command as evaluation_command
 from .images import MASK_MODES, load_image, make_grid
 from .pipeline import Pipeline
-from .shapes import evaluate as shapes_evaluate
+from .shapes import command as shapes_command
 
 log = logging.getLogger("muse")
 
@@ -307,4 +307,4 @@ def _report(paths: list[Path]) -> None:
 
 
 register(evaluation_command.add_parser)
-register(shapes_evaluate.add_parser)
+register(shapes_command.add_parser)
