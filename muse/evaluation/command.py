@@ -3,6 +3,7 @@
     muse evaluate --prompts prompts.txt --out eval/ --guidance-scales 1 2 4 8 10 \
         --clip-model ViT-L-14 --clip-weights open_clip_pytorch_model.bin \
         --fid-reference coco_val/ --fid-weights weights-inception-2015-12-05-6726825d.pth
+    muse evaluate ... --samplers confidence halton random remask --steps 4 8 12 16 24 --guidance-scales 10
 
 Registered in the muse command line (muse/cli.py) through `add_parser(subparsers)`.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..arguments import DTYPES, finite_float, temperature_pair
+from ..arguments import DTYPES, finite_float, guidance_schedule, optional_step_interval, sampler, temperature_pair
 from .clip_score import ClipScorer
 from .errors import MissingWeightsError
 from .evaluate import evaluate
@@ -29,6 +30,11 @@ from .sweep import expand_grid
 def _optional(text: str) -> str | None:
     """'none' / 'default' -> None (no adapter / the model's own schedule)."""
     return None if text.lower() in ("none", "default") else text
+
+
+def _optional_sampler(text: str):
+    """'default' -> None (the model's sampler), else a sampler NAME[:key=value,...]."""
+    return None if text.lower() == "default" else sampler(text)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -61,7 +67,13 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--temperatures", nargs="+", type=temperature_pair, default=[(2.0, 0.0)], help="re-masking temperatures 'start,end'")
     g.add_argument("--masking-schedules", nargs="+", type=_optional, default=[None],
                    help="cosine, linear, arccos, power:<p>; 'default' = the model's")
-    g.add_argument("--guidance-schedules", nargs="+", default=["constant"], help="constant, linear, cosine")
+    g.add_argument("--guidance-schedules", nargs="+", type=guidance_schedule, default=["constant"],
+                   help="constant, linear, cosine, power-cosine[:<exponent>]")
+    g.add_argument("--samplers", nargs="+", type=_optional_sampler, default=[None], metavar="SAMPLER",
+                   help="confidence, halton, random, remask, each NAME[:key=value,...] (e.g. remask:eta=0.2); "
+                   "'default' = the model's (confidence)")
+    g.add_argument("--guidance-intervals", nargs="+", type=optional_step_interval, default=[None], metavar="START,END",
+                   help="guide only the 0-based steps START <= i < END; 'none' = every step")
     g.add_argument("--seeds", nargs="+", type=int, default=[0], help="one image per prompt and seed")
 
     g = p.add_argument_group("generation")
@@ -86,16 +98,17 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = load_prompts(args.prompts, args.prompt_column, args.split, args.num_prompts)
-    # metrics first: missing weights must stop the run before anything is generated
+    checkpoints = [_model_ref(c) for c in args.checkpoints] if args.checkpoints else [_model_ref(args.model) if args.model else None]
+    settings = expand_grid(args.guidance_scales, args.steps, args.temperatures, args.masking_schedules, args.guidance_schedules,
+                           checkpoints, [_model_ref(x) if x else None for x in args.loras], args.samplers,
+                           args.guidance_intervals)
+    # the grid, then the metrics: a bad setting or missing weights stop the run before anything is generated
     try:
         clip = ClipScorer(args.clip_model, args.clip_weights, device, args.metrics_batch_size, args.offline) if args.clip_model else None
         fid = InceptionFID(args.fid_weights, device, args.metrics_batch_size, args.offline) if args.fid_reference else None
     except MissingWeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    checkpoints = [_model_ref(c) for c in args.checkpoints] if args.checkpoints else [_model_ref(args.model) if args.model else None]
-    settings = expand_grid(args.guidance_scales, args.steps, args.temperatures, args.masking_schedules, args.guidance_schedules,
-                           checkpoints, [_model_ref(x) if x else None for x in args.loras])
     dtype = getattr(torch, args.dtype) if args.dtype else None
     generator = PipelineGenerator(dtype=dtype, device=device, negative_prompt=args.negative_prompt)
     context = {"dtype": args.dtype, "device": torch.device(device).type, "negative_prompt": args.negative_prompt}
@@ -117,7 +130,7 @@ def _print_table(rows: list[dict]) -> None:
     def cell(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    print(f"{'setting':48s} {'images':>6s} {'s/img':>8s} {'CLIP':>7s} {'FID':>8s}")
+    print(f"{'setting':60s} {'images':>6s} {'s/img':>8s} {'CLIP':>7s} {'FID':>8s}")
     for r in rows:
-        print(f"{r['label'][:48]:48s} {r['num_images']:6d} {cell(r['seconds_per_image'], '8.3f')} "
+        print(f"{r['label'][:60]:60s} {r['num_images']:6d} {cell(r['seconds_per_image'], '8.3f')} "
               f"{cell(r['clip_score'], '7.2f')} {cell(r['fid'], '8.2f')}")

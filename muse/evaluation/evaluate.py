@@ -92,7 +92,7 @@ def evaluate(
         },
     }
     report.write_tables(rows, info, out_dir)
-    report.plot_against_guidance(rows, out_dir / "results_plot.png", _plot_title(rows, clip, fid))
+    report.plot_metrics(rows, out_dir / "results_plot.png", _plot_title(rows, clip, fid))
     return rows
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from muse.arguments import parse_sampler
 from muse.pipeline import Pipeline, default_model_dir
 
 from .sweep import Setting
@@ -58,4 +59,8 @@ class PipelineGenerator:
         )
         if setting.masking_schedule is not None:
             options["masking_schedule"] = setting.masking_schedule
+        if setting.sampler is not None:
+            options["sampler"] = parse_sampler(setting.sampler)
+        if setting.guidance_interval is not None:
+            options["guidance_interval"] = setting.guidance_interval
         return pipe(list(prompts), **options)
