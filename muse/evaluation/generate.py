@@ -20,7 +20,13 @@ class PipelineGenerator:
 
     default_model: the model of settings without a checkpoint (a folder or hub id; None: the embedded default)."""
 
-    def __init__(self, default_model: str | Path | None = None, dtype: torch.dtype | None = None, device: str | None = None, negative_prompt: str | None = None):
+    def __init__(
+        self,
+        default_model: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | None = None,
+        negative_prompt: str | None = None,
+    ):
         self.default_model, self.dtype, self.device = default_model, dtype, device
         self.negative_prompt = negative_prompt
         self._loaded: tuple | None = None

@@ -123,8 +123,15 @@ def expand_grid(
     interval, guidance scale innermost. A guidance interval or a sampler's step window that does not fit one of
     the step counts is refused here, before anything is generated."""
     grid = itertools.product(
-        checkpoints, loras, samplers, guidance_intervals, masking_schedules, guidance_schedules, temperatures,
-        num_inference_steps, guidance_scales,
+        checkpoints,
+        loras,
+        samplers,
+        guidance_intervals,
+        masking_schedules,
+        guidance_schedules,
+        temperatures,
+        num_inference_steps,
+        guidance_scales,
     )
     settings = []
     for ck, lo, sa, gi, ms, gs, t, n, g in grid:
@@ -213,7 +220,9 @@ class Manifest:
         os.replace(tmp, self.path)
 
     def entry(self, setting: Setting, key: str, context: dict) -> dict:
-        return self.settings.setdefault(key, {"setting": setting.as_dict(), "label": setting.label(), "context": context, "images": {}})
+        return self.settings.setdefault(
+            key, {"setting": setting.as_dict(), "label": setting.label(), "context": context, "images": {}}
+        )
 
 
 def run_sweep(
@@ -266,7 +275,9 @@ def run_sweep(
                 name = _image_name(i, s)
                 image.save(folder / f"{name}.png")
                 entry["images"][name] = asdict(
-                    ImageRecord(prompt_index=i, seed=s, prompt=prompts[i], file=f"images/{key}/{name}.png", seconds=seconds)
+                    ImageRecord(
+                        prompt_index=i, seed=s, prompt=prompts[i], file=f"images/{key}/{name}.png", seconds=seconds
+                    )
                 )
             manifest.save()  # after every batch: an interrupted sweep resumes from here
             bar.update(len(batch))

@@ -49,8 +49,9 @@ def evaluation_prompts(per_triple: int = 2, seed: int = EVAL_SEED, split: str = 
 
 
 @torch.no_grad()
-def generate_images(pipe, prompts: list[str], seed: int = EVAL_SEED, batch_size: int = 32, progress: bool = True,
-                    **options) -> tuple[torch.Tensor, float]:
+def generate_images(
+    pipe, prompts: list[str], seed: int = EVAL_SEED, batch_size: int = 32, progress: bool = True, **options
+) -> tuple[torch.Tensor, float]:
     """Image i of `prompts` from its own generator seeded seed + i (whatever the batch size) -> (images (N, 3, H, W)
     in [0, 1], wall seconds of the generation)."""
     images = []
@@ -63,8 +64,15 @@ def generate_images(pipe, prompts: list[str], seed: int = EVAL_SEED, batch_size:
     return torch.cat(images), time.perf_counter() - t0
 
 
-def evaluate_adherence(pipe, per_triple: int = 2, seed: int = EVAL_SEED, batch_size: int = 32, progress: bool = True,
-                       split: str = "heldout", **options) -> Evaluation:
+def evaluate_adherence(
+    pipe,
+    per_triple: int = 2,
+    seed: int = EVAL_SEED,
+    batch_size: int = 32,
+    progress: bool = True,
+    split: str = "heldout",
+    **options,
+) -> Evaluation:
     """Generate one image per evaluation prompt of `split` with `pipe` (image i from its own generator seeded
     seed + i; other sampling options at the pipeline's defaults unless given), judge each, and score the stated
     attributes."""
@@ -83,6 +91,8 @@ def save_grid(images: torch.Tensor, path, columns: int = 8, pad: int = 2) -> Non
     canvas = torch.ones(3, rows * (H + pad) + pad, columns * (W + pad) + pad)
     for i in range(n):
         r, c = divmod(i, columns)
-        canvas[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = images[i]
+        canvas[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = (
+            images[i]
+        )
     array = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     PIL.Image.fromarray(array).save(path)
