@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import types
+import typing
 
 import torch
+
+import sampling
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -68,6 +73,151 @@ def temperature_pair(text: str) -> tuple[float, float]:
     """A re-masking temperature 'start,end' (for example 2,0), finite."""
     start, end = _finite_numbers(text, "a temperature is 'start,end' (for example 2,0)", (2,))
     return start, end
+
+
+def sampling_temperature(text: str) -> float | tuple[float, float]:
+    """A sampling (token) temperature: 'T' at every step or 'start,end' annealed over the steps; finite and > 0."""
+    what = "a sampling temperature is T or 'start,end' (for example 1.3,0.5)"
+    values = _finite_numbers(text, what, (1, 2))
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{what}, each > 0, got {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def guidance_schedule(text: str) -> str:
+    """A guidance schedule: constant, linear, cosine, power-cosine or power-cosine:<exponent> (kept as text)."""
+    try:
+        sampling.GuidanceSchedule.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or 'power-cosine:<exponent>')") from None
+    return text
+
+
+def step_interval(text: str) -> tuple[int, int]:
+    """'START,END': 0-based step indices with 0 <= START <= END (the steps START <= i < END)."""
+    what = "a step interval is 'START,END', 0-based step indices with 0 <= START <= END (for example 2,8)"
+    try:
+        start, end = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+    if not 0 <= start <= end:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return start, end
+
+
+def optional_step_interval(text: str) -> tuple[int, int] | None:
+    """'none' (every step) or 'START,END' (see `step_interval`)."""
+    return None if text.lower() == "none" else step_interval(text)
+
+
+def check_steps(
+    num_steps: int | None, guidance_interval: tuple[int, int] | None, sampler: sampling.Sampler | None
+) -> None:
+    """The guidance interval and the sampler's own step window fit `num_steps` (nothing to check when unknown)."""
+    if num_steps is None:
+        return
+    if guidance_interval is not None:
+        sampling.check_interval(guidance_interval, "--guidance-interval", num_steps)
+    if sampler is not None:
+        sampler.check(num_steps)
+
+
+# --- samplers: NAME or NAME:key=value,... --------------------------------------------------------------------------
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _parameter_value(text: str, kind, what: str):
+    """One sampler parameter's text -> a value of the field's type `kind` (bool, int, float, str, a (start, end)
+    pair of steps written START-END, or any of them | None, written 'none')."""
+    options = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in options:
+        if text.lower() == "none":
+            return None
+        (kind,) = [k for k in options if k is not type(None)]
+    if kind is bool:
+        if text.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"{what} is true or false, got {text!r}")
+        return text.lower() in _TRUE
+    if kind is float:
+        try:
+            return finite_float(text)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{what}: {e}") from None
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{what} is an integer, got {text!r}") from None
+    if typing.get_origin(kind) is tuple:
+        try:
+            start, end = (int(x) for x in text.split("-"))
+        except ValueError:
+            raise ValueError(f"{what} is START-END (0-based steps START <= i < END) or none, got {text!r}") from None
+        return start, end
+    return text
+
+
+def _fields(cls: type) -> dict[str, typing.Any]:
+    """A sampler dataclass's parameters: name -> type."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def parse_sampler(text: str) -> sampling.Sampler:
+    """'NAME' or 'NAME:key=value,...' (for example 'remask:eta=0.2,strategy=cap', 'halton:random_offset=true') ->
+    the sampler; a ValueError names an unknown sampler or parameter, or a bad value."""
+    name, _, params = text.strip().partition(":")
+    if name not in sampling.SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(sampling.SAMPLERS)}")
+    cls = sampling.SAMPLERS[name]
+    fields = _fields(cls)
+    values = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise ValueError(f"sampler {name}: parameters are key=value, got {item!r}")
+        if key not in fields:
+            known = f"its parameters are {', '.join(fields)}" if fields else "it takes no parameters"
+            raise ValueError(f"sampler {name} has no parameter {key!r}; {known}")
+        if key in values:
+            raise ValueError(f"sampler {name}: parameter {key!r} given twice")
+        values[key] = _parameter_value(value.strip(), fields[key], f"sampler {name} {key}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sampler {name}: {e}") from None
+
+
+def sampler(text: str) -> sampling.Sampler:
+    """The argparse type of --sampler (see `parse_sampler`)."""
+    try:
+        return parse_sampler(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _parameter_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "-".join(str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def sampler_text(spec: str | sampling.Sampler) -> str:
+    """The canonical text of a sampler: its name, then ':' and the parameters that differ from their defaults in the
+    order the dataclass declares them ('confidence', 'remask:eta=0.2'). parse_sampler(sampler_text(s)) == s."""
+    s = parse_sampler(spec) if isinstance(spec, str) else spec
+    changed = [
+        f"{f.name}={_parameter_text(getattr(s, f.name))}"
+        for f in dataclasses.fields(s)
+        if getattr(s, f.name) != f.default
+    ]
+    return s.name + (":" + ",".join(changed) if changed else "")
 
 
 def check_device(spec: str | None) -> None:

@@ -4,6 +4,7 @@
     muse generate "a photo of a cat" --model amused/amused-256 --seed 0 --num-images 4 --out cats/
     muse img2img "a watercolour" --image photo.png --strength 0.6 --out edit.png
     muse inpaint "a red ball" --image photo.png --mask mask.png --out filled.png
+    muse generate "a blue circle on a yellow background" --sampler remask:eta=0.2 --guidance-interval 2,10
     muse evaluate ...        CLIP score, FID and seconds per image over a grid of settings (muse.evaluation)
     muse shapes-eval ...     prompt adherence of a shapes-domain model, judged from pixels (muse.shapes)
     muse convert SRC DST     checkpoints between formats (the same as `python -m convert`)
@@ -34,7 +35,7 @@ from . import arguments, files
 from .evaluation import command as evaluation_command
 from .images import MASK_MODES, load_image, make_grid
 from .pipeline import Pipeline
-from .shapes import evaluate as shapes_evaluate
+from .shapes import command as shapes_command
 
 log = logging.getLogger("muse")
 
@@ -91,8 +92,9 @@ def register(add_parser: AddParser) -> AddParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="aMUSEd in pure PyTorch: generation, evaluation, "
-                                     "conversion and training.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="aMUSEd in pure PyTorch: generation, evaluation, conversion and training."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: MUSE_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -151,13 +153,56 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded default model)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
     # None = the model's declared default, else the reference's (12 steps, guidance 10, temperature 2,0)
-    p.add_argument("--steps", type=arguments.positive_int, default=None, help="decoding steps (default: the model's, else 12)")
-    p.add_argument("--guidance-scale", type=arguments.finite_float, default=None,
-                   help="classifier-free guidance, on when > 1 (default: the model's, else 10)")
-    p.add_argument("--temperature", type=arguments.temperature, default=None,
-                   help="re-masking temperature T or 'start,end' (default: the model's, else 2,0)")
-    p.add_argument("--seed", type=arguments.seed, default=None,
-                   help="image i uses seed + i, in [0, 2**63) (default: a random seed, printed)")
+    p.add_argument(
+        "--steps", type=arguments.positive_int, default=None, help="decoding steps (default: the model's, else 12)"
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=arguments.finite_float,
+        default=None,
+        help="classifier-free guidance, on when > 1 (default: the model's, else 10)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=arguments.temperature,
+        default=None,
+        help="re-masking temperature T or 'start,end' (default: the model's, else 2,0)",
+    )
+    p.add_argument(
+        "--sampler",
+        type=arguments.sampler,
+        default=None,
+        metavar="NAME[:key=value,...]",
+        help="which positions stay masked after each step: confidence (the reference, default), halton, "
+        "random, remask; parameters after a colon, e.g. remask:eta=0.2,strategy=cap or "
+        "halton:random_offset=true (see docs/sampling.md)",
+    )
+    p.add_argument(
+        "--guidance-interval",
+        type=arguments.step_interval,
+        default=None,
+        metavar="START,END",
+        help="guide only the 0-based steps START <= i < END of the --steps (default: every step)",
+    )
+    p.add_argument(
+        "--guidance-schedule",
+        type=arguments.guidance_schedule,
+        default=None,
+        help="constant (default), linear, cosine, power-cosine or power-cosine:<exponent>",
+    )
+    p.add_argument(
+        "--sampling-temperature",
+        type=arguments.sampling_temperature,
+        default=None,
+        metavar="T|START,END",
+        help="divides the logits before each token draw; START,END anneals it over the steps (default 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=arguments.seed,
+        default=None,
+        help="image i uses seed + i, in [0, 2**63) (default: a random seed, printed)",
+    )
     p.add_argument("--num-images", type=arguments.positive_int, default=1, help="images to make (default 1)")
     p.add_argument("--out", type=Path, default=None, help="a .png file, or a folder (default: muse-<command>.png)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
@@ -169,10 +214,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def add_generate(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="text to image", description="Generate images from a text prompt.")
     _add_common(p)
-    p.add_argument("--height", type=arguments.positive_int, default=None,
-                   help="pixels, a multiple of 16 (default: the model's size)")
-    p.add_argument("--width", type=arguments.positive_int, default=None,
-                   help="pixels, a multiple of 16 (default: the model's size)")
+    p.add_argument(
+        "--height",
+        type=arguments.positive_int,
+        default=None,
+        help="pixels, a multiple of 16 (default: the model's size)",
+    )
+    p.add_argument(
+        "--width",
+        type=arguments.positive_int,
+        default=None,
+        help="pixels, a multiple of 16 (default: the model's size)",
+    )
     p.set_defaults(func=run_generate)
     return p
 
@@ -182,7 +235,9 @@ def add_img2img(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("img2img", help="image to image", description="Re-generate an image guided by a prompt.")
     _add_common(p)
     p.add_argument("--image", type=Path, required=True, help="the starting image (sides multiples of 16 px)")
-    p.add_argument("--strength", type=arguments.finite_float, default=0.5, help="in (0, 1]: how much to change (default 0.5)")
+    p.add_argument(
+        "--strength", type=arguments.finite_float, default=0.5, help="in (0, 1]: how much to change (default 0.5)"
+    )
     p.set_defaults(func=run_img2img)
     return p
 
@@ -205,6 +260,7 @@ def _load(args):
     for path in paths + ([grid] if grid is not None else []):
         files.check_writable(path)
     arguments.check_device(args.device)
+    arguments.check_steps(args.steps, args.guidance_interval, args.sampler)  # without --steps: the pipeline checks
     if args.seed is not None and args.seed + args.num_images > arguments.SEED_LIMIT:
         raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} runs past the largest seed 2**63 - 1")
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -215,7 +271,15 @@ def _load(args):
 def _options(args, pipe) -> dict:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     log.info("seed %d", seed)
-    given = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, temperature=args.temperature)
+    given = dict(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        sampler=args.sampler,
+        guidance_interval=args.guidance_interval,
+        guidance_schedule=args.guidance_schedule,
+        sampling_temperature=args.sampling_temperature,
+    )
     return dict(
         negative_prompt=args.negative_prompt,
         num_images_per_prompt=args.num_images,
@@ -245,8 +309,9 @@ def run_inpaint(args) -> int:
     if mask.mode not in MASK_MODES:
         mask = mask.convert("L")
     pipe = _load(args)
-    images = pipe.inpaint(args.prompt, image, mask, strength=args.strength, paste_unmasked=args.paste_unmasked,
-                          **_options(args, pipe))
+    images = pipe.inpaint(
+        args.prompt, image, mask, strength=args.strength, paste_unmasked=args.paste_unmasked, **_options(args, pipe)
+    )
     _report(save_images(images, _out(args)))
     return 0
 
@@ -287,4 +352,4 @@ def _report(paths: list[Path]) -> None:
 
 
 register(evaluation_command.add_parser)
-register(shapes_evaluate.add_parser)
+register(shapes_command.add_parser)

@@ -34,8 +34,14 @@ def pipe(model_dir):
 def expected(pipe, method, *args, seeds, **kwargs):
     call = getattr(pipe, method) if method != "generate" else pipe
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    images = call(*args, num_inference_steps=int(STEPS), generator=gens, num_images_per_prompt=len(seeds),
-                  progress_bar=False, **kwargs)
+    images = call(
+        *args,
+        num_inference_steps=int(STEPS),
+        generator=gens,
+        num_images_per_prompt=len(seeds),
+        progress_bar=False,
+        **kwargs,
+    )
     return [np.asarray(im) for im in images]
 
 
@@ -47,8 +53,27 @@ def picture(path, size=32):
 
 def test_generate_several_images_writes_each_and_a_grid(model_dir, pipe, tmp_path, capsys):
     out = tmp_path / "cats"
-    assert cli.main(["generate", "a cat", "--model", model_dir, "--steps", STEPS, "--seed", "7", "--num-images", "3",
-                     "--negative-prompt", "blurry", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a cat",
+                "--model",
+                model_dir,
+                "--steps",
+                STEPS,
+                "--seed",
+                "7",
+                "--num-images",
+                "3",
+                "--negative-prompt",
+                "blurry",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     written = sorted(p.name for p in out.iterdir())
     assert written == ["grid.png", "image-000.png", "image-001.png", "image-002.png"]
     assert capsys.readouterr().out.split() == [str(out / n) for n in written[1:] + written[:1]]
@@ -62,18 +87,58 @@ def test_generate_several_images_writes_each_and_a_grid(model_dir, pipe, tmp_pat
 
 def test_generate_one_image_to_a_file_with_size(model_dir, pipe, tmp_path):
     out = tmp_path / "one.png"
-    assert cli.main(["generate", "a dog", "--model", model_dir, "--steps", STEPS, "--seed", "8", "--height", "24",
-                     "--width", "40", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a dog",
+                "--model",
+                model_dir,
+                "--steps",
+                STEPS,
+                "--seed",
+                "8",
+                "--height",
+                "24",
+                "--width",
+                "40",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert list(tmp_path.iterdir()) == [out]
     # seed 8 alone gives image 1 of the seed-7 run: any image can be made again alone
-    assert np.array_equal(np.asarray(PIL.Image.open(out)), expected(pipe, "generate", "a dog", seeds=[8], height=24, width=40)[0])
+    assert np.array_equal(
+        np.asarray(PIL.Image.open(out)), expected(pipe, "generate", "a dog", seeds=[8], height=24, width=40)[0]
+    )
 
 
 def test_img2img(model_dir, pipe, tmp_path):
     image = picture(tmp_path / "in.png")
     out = tmp_path / "edit.png"
-    assert cli.main(["img2img", "a watercolour", "--image", str(image), "--strength", "0.7", "--model", model_dir,
-                     "--steps", STEPS, "--seed", "1", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "img2img",
+                "a watercolour",
+                "--image",
+                str(image),
+                "--strength",
+                "0.7",
+                "--model",
+                model_dir,
+                "--steps",
+                STEPS,
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     want = expected(pipe, "img2img", "a watercolour", PIL.Image.open(image).convert("RGB"), strength=0.7, seeds=[1])
     assert np.array_equal(np.asarray(PIL.Image.open(out)), want[0])
 
@@ -84,10 +149,37 @@ def test_inpaint_with_paste(model_dir, pipe, tmp_path):
     m[8:24, 8:24] = 255
     PIL.Image.fromarray(m).save(tmp_path / "mask.png")
     out = tmp_path / "fill.png"
-    assert cli.main(["inpaint", "a red ball", "--image", str(image), "--mask", str(tmp_path / "mask.png"),
-                     "--paste-unmasked", "--model", model_dir, "--steps", STEPS, "--seed", "2", "--out", str(out)]) == 0
-    want = expected(pipe, "inpaint", "a red ball", PIL.Image.open(image).convert("RGB"), PIL.Image.fromarray(m),
-                    paste_unmasked=True, seeds=[2])
+    assert (
+        cli.main(
+            [
+                "inpaint",
+                "a red ball",
+                "--image",
+                str(image),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--paste-unmasked",
+                "--model",
+                model_dir,
+                "--steps",
+                STEPS,
+                "--seed",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    want = expected(
+        pipe,
+        "inpaint",
+        "a red ball",
+        PIL.Image.open(image).convert("RGB"),
+        PIL.Image.fromarray(m),
+        paste_unmasked=True,
+        seeds=[2],
+    )
     got = np.asarray(PIL.Image.open(out))
     assert np.array_equal(got, want[0])
     assert np.array_equal(got[m == 0], np.asarray(PIL.Image.open(image))[m == 0])
@@ -164,7 +256,9 @@ def test_muse_generate_on_the_embedded_model_runs_offline_without_the_training_c
         "print('TRAIN_MODULES', sorted(m for m in sys.modules if m == 'train' or m.startswith('train.'))); sys.exit(code)"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "TRAIN_MODULES []" in r.stdout, r.stdout
     width, height = PIL.Image.open(out).size

@@ -76,7 +76,9 @@ def evaluate(
             else:
                 size = _image_size(files[0])
                 signature = [fid.fingerprint(), fid.reference_id(fid_reference, size), images_id]
-                row["fid"] = cache.get(signature, lambda: {"fid": _fid(fid, files, fid_reference, size, references, out_dir)})["fid"]
+                row["fid"] = cache.get(
+                    signature, lambda: {"fid": _fid(fid, files, fid_reference, size, references, out_dir)}
+                )["fid"]
         rows.append(row)
         _write_grid(out_dir, result, len(prompts), len(seeds), max_grid_images)
         log.info("%s: %s", row["label"], {k: row[k] for k in ("seconds_per_image", "clip_score", "fid")})
@@ -92,7 +94,7 @@ def evaluate(
         },
     }
     report.write_tables(rows, info, out_dir)
-    report.plot_against_guidance(rows, out_dir / "results_plot.png", _plot_title(rows, clip, fid))
+    report.plot_metrics(rows, out_dir / "results_plot.png", _plot_title(rows, clip, fid))
     return rows
 
 
@@ -161,8 +163,12 @@ def _fid_info(fid: InceptionFID | None, reference, references: dict, out_dir: Pa
 
     sizes = {_image_size(out_dir / r.records[0].file) for r in sweep if r.records}
     counts = {f"{w}x{h}": len(list_images(reference)) for (w, h) in sorted(sizes)}
-    return {**fid.describe(), "reference": str(reference), "num_reference_images": counts,
-            "caveat": "FID is biased upwards on small sets; compare numbers computed on equal set sizes only"}
+    return {
+        **fid.describe(),
+        "reference": str(reference),
+        "num_reference_images": counts,
+        "caveat": "FID is biased upwards on small sets; compare numbers computed on equal set sizes only",
+    }
 
 
 def _write_grid(out_dir: Path, result: SettingImages, num_prompts: int, num_seeds: int, max_images: int) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from muse.arguments import parse_sampler
 from muse.pipeline import Pipeline, default_model_dir
 
 from .sweep import Setting
@@ -19,7 +20,13 @@ class PipelineGenerator:
 
     default_model: the model of settings without a checkpoint (a folder or hub id; None: the embedded default)."""
 
-    def __init__(self, default_model: str | Path | None = None, dtype: torch.dtype | None = None, device: str | None = None, negative_prompt: str | None = None):
+    def __init__(
+        self,
+        default_model: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | None = None,
+        negative_prompt: str | None = None,
+    ):
         self.default_model, self.dtype, self.device = default_model, dtype, device
         self.negative_prompt = negative_prompt
         self._loaded: tuple | None = None
@@ -58,4 +65,8 @@ class PipelineGenerator:
         )
         if setting.masking_schedule is not None:
             options["masking_schedule"] = setting.masking_schedule
+        if setting.sampler is not None:
+            options["sampler"] = parse_sampler(setting.sampler)
+        if setting.guidance_interval is not None:
+            options["guidance_interval"] = setting.guidance_interval
         return pipe(list(prompts), **options)

@@ -1,6 +1,6 @@
 """What an evaluation writes: results.csv / results.json (one row per setting), a plot of FID and CLIP score against
-the guidance scale, and an image grid per setting. A metric that was not computed is empty in the CSV and null in
-the JSON, never 0."""
+the guidance scale (or the steps, for a sweep over steps at one guidance scale), and an image grid per setting. A
+metric that was not computed is empty in the CSV and null in the JSON, never 0."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ COLUMNS = (
     "temperature",
     "masking_schedule",
     "guidance_schedule",
+    "sampler",
+    "guidance_interval",
     "num_images",
     "generated_now",
     "seconds_per_image",
@@ -57,29 +59,44 @@ def _csv_cell(value):
     return value
 
 
-def _curve_name(row: dict) -> str:
-    """Everything that identifies a setting except its guidance scale."""
-    return row["label"].split("_", 1)[1] if "_" in row["label"] else row["label"]
+# the axes a plot can run along: row key -> (axis title, index of that setting's part in the label)
+AXES = {"guidance_scale": ("guidance scale", 0), "num_inference_steps": ("decoding steps", 1)}
 
 
-def plot_against_guidance(rows: Sequence[dict], path: Path, title: str | None = None) -> Path:
+def plot_axis(rows: Sequence[dict]) -> str:
+    """The plot's x axis: the guidance scale, unless it is the same in every row and the steps are not."""
+    if len({r["guidance_scale"] for r in rows}) == 1 and len({r["num_inference_steps"] for r in rows}) > 1:
+        return "num_inference_steps"
+    return "guidance_scale"
+
+
+def _curve_name(row: dict, axis: str) -> str:
+    """Everything that identifies a setting except its value on the plot's axis (the label without that part)."""
+    parts = row["label"].split("_")
+    del parts[AXES[axis][1]]
+    return "_".join(parts)
+
+
+def plot_metrics(rows: Sequence[dict], path: Path, title: str | None = None) -> Path:
     """FID and CLIP score (one panel each) against the guidance scale, one line per other combination of settings,
-    as the published aMUSEd quality plots. A metric with no values gets a panel saying it was not computed."""
+    as the published aMUSEd quality plots; against the decoding steps instead when the grid varies the steps and
+    not the guidance scale (a sampler sweep). A metric with no values gets a panel saying it was not computed."""
     import matplotlib  # heavy, and only for this plot: imported when it is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after use("Agg"), so no display is needed
 
+    axis = plot_axis(rows)
     curves: dict[str, list[dict]] = {}
     for row in rows:
-        curves.setdefault(_curve_name(row), []).append(row)
+        curves.setdefault(_curve_name(row, axis), []).append(row)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5.5 * len(METRICS), 4.2))
     for ax, metric in zip(axes, METRICS):
         ax.set_title(METRIC_TITLES[metric])
-        ax.set_xlabel("guidance scale")
+        ax.set_xlabel(AXES[axis][0])
         drawn = False
         for name, points in curves.items():
-            pts = sorted((r["guidance_scale"], r[metric]) for r in points if r.get(metric) is not None)
+            pts = sorted((r[axis], r[metric]) for r in points if r.get(metric) is not None)
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
                 drawn = True

@@ -1,15 +1,16 @@
 """The settings grid and the resumable generation sweep.
 
-A `Setting` is one point of the grid (guidance scale, steps, temperature, schedules, checkpoint, LoRA adapter). The
-sweep asks a `generate(setting, prompts, seeds) -> images` function for every (prompt, seed) of every setting, in
-batches, and saves each image as
+A `Setting` is one point of the grid (guidance scale, steps, temperature, schedules, checkpoint, LoRA adapter,
+sampler, guidance interval). The sweep asks a `generate(setting, prompts, seeds) -> images` function for every
+(prompt, seed) of every setting, in batches, and saves each image as
 
     <out>/images/<setting key>/p<prompt index>_s<seed>.png
 
 with a line in <out>/manifest.json (prompt, seed, seconds per image). A second run with the same arguments finds the
 images in the manifest and on disk and does not generate them again; a changed prompt at the same index is
 regenerated. The setting key is a hash of the setting and of the run's context (dtype, device), so a different
-setting never reuses another's images.
+setting never reuses another's images; the sampler and the guidance interval enter the hash only when set, so a
+setting without them has the key it had before they existed.
 
 Seeds are reproducible per image: image (prompt i, seed s) is drawn with a generator seeded with
 `image_seed(s, i) = s * SEED_STRIDE + i`, independent of the batch size and of the other prompts, and the same for
@@ -30,9 +31,14 @@ from pathlib import Path
 import PIL.Image
 from tqdm.auto import tqdm
 
+from sampling import Sampler, check_interval
+
+from ..arguments import parse_sampler, sampler_text
+
 SEED_STRIDE = 1_000_000  # prompts per seed block; image_seed(s, i) = s * SEED_STRIDE + i
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+LATER_OPTIONS = ("sampler", "guidance_interval")  # Setting fields hashed into the key only when not None
 
 
 @dataclass(frozen=True)
@@ -43,18 +49,37 @@ class Setting:
     num_inference_steps: int = 12
     temperature: tuple[float, float] = (2.0, 0.0)  # re-masking temperature, annealed linearly from start to end
     masking_schedule: str | None = None  # 'cosine', 'linear', 'arccos', 'power:<p>'; None: the model's (cosine)
-    guidance_schedule: str = "constant"  # 'constant' (the reference), 'linear', 'cosine'
+    guidance_schedule: str = "constant"  # 'constant' (the reference), 'linear', 'cosine', 'power-cosine[:p]'
     checkpoint: str | None = None  # a model folder or hub id; None: the generator's default model
     lora: str | None = None  # a LoRA adapter file loaded on top of the checkpoint
+    sampler: str | None = None  # 'NAME[:key=value,...]' in canonical form (arguments.sampler_text); None: the model's
+    guidance_interval: tuple[int, int] | None = None  # guide only the 0-based steps start <= i < end; None: every step
+
+    def __post_init__(self):
+        """The sampler in canonical text; the guidance interval and the sampler's step window fit the steps."""
+        if self.sampler is not None:
+            sampler = parse_sampler(self.sampler) if isinstance(self.sampler, str) else self.sampler
+            sampler.check(self.num_inference_steps)
+            object.__setattr__(self, "sampler", sampler_text(sampler))
+        if self.guidance_interval is not None:
+            interval = check_interval(tuple(self.guidance_interval), "guidance interval", self.num_inference_steps)
+            object.__setattr__(self, "guidance_interval", interval)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["temperature"] = list(self.temperature)
+        d["guidance_interval"] = None if self.guidance_interval is None else list(self.guidance_interval)
         return d
 
     def key(self, context: dict | None = None) -> str:
-        """12 hex digits identifying the images of this setting under `context` (dtype, device, ...)."""
-        blob = json.dumps({"setting": self.as_dict(), "context": context or {}}, sort_keys=True)
+        """12 hex digits identifying the images of this setting under `context` (dtype, device, ...). The options
+        added later (sampler, guidance_interval) enter the hash only when set, so the settings of earlier runs keep
+        their keys and their images are found again."""
+        setting = self.as_dict()
+        for name in LATER_OPTIONS:
+            if setting[name] is None:
+                del setting[name]
+        blob = json.dumps({"setting": setting, "context": context or {}}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def label(self) -> str:
@@ -72,6 +97,10 @@ class Setting:
             parts.append(f"ckpt-{Path(self.checkpoint).name or self.checkpoint}")
         if self.lora:
             parts.append(f"lora-{Path(self.lora).stem}")
+        if self.sampler is not None:
+            parts.append("sampler-" + self.sampler.replace(":", "-").replace("=", "").replace(",", "-"))
+        if self.guidance_interval is not None:
+            parts.append(f"gi{self.guidance_interval[0]}-{self.guidance_interval[1]}")
         return "_".join(p.replace(":", "") for p in parts)
 
 
@@ -87,21 +116,40 @@ def expand_grid(
     guidance_schedules: Sequence[str] = ("constant",),
     checkpoints: Sequence[str | None] = (None,),
     loras: Sequence[str | None] = (None,),
+    samplers: Sequence[str | Sampler | None] = (None,),
+    guidance_intervals: Sequence[tuple[int, int] | None] = (None,),
 ) -> list[Setting]:
-    """Every combination, checkpoint and adapter outermost (each model is loaded once), guidance scale innermost."""
-    grid = itertools.product(checkpoints, loras, masking_schedules, guidance_schedules, temperatures, num_inference_steps, guidance_scales)
-    settings = [
-        Setting(
-            guidance_scale=float(g),
-            num_inference_steps=int(n),
-            temperature=(float(t[0]), float(t[1])),
-            masking_schedule=ms,
-            guidance_schedule=gs,
-            checkpoint=ck,
-            lora=lo,
-        )
-        for ck, lo, ms, gs, t, n, g in grid
-    ]
+    """Every combination, checkpoint and adapter outermost (each model is loaded once), then sampler and guidance
+    interval, guidance scale innermost. A guidance interval or a sampler's step window that does not fit one of
+    the step counts is refused here, before anything is generated."""
+    grid = itertools.product(
+        checkpoints,
+        loras,
+        samplers,
+        guidance_intervals,
+        masking_schedules,
+        guidance_schedules,
+        temperatures,
+        num_inference_steps,
+        guidance_scales,
+    )
+    settings = []
+    for ck, lo, sa, gi, ms, gs, t, n, g in grid:
+        try:
+            setting = Setting(
+                guidance_scale=float(g),
+                num_inference_steps=int(n),
+                temperature=(float(t[0]), float(t[1])),
+                masking_schedule=ms,
+                guidance_schedule=gs,
+                checkpoint=ck,
+                lora=lo,
+                sampler=sa,
+                guidance_interval=gi,
+            )
+        except ValueError as e:
+            raise ValueError(f"at {int(n)} steps: {e}") from None
+        settings.append(setting)
     if len(set(settings)) != len(settings):
         raise ValueError("the grid repeats a setting; remove the duplicate values")
     return settings
@@ -172,7 +220,9 @@ class Manifest:
         os.replace(tmp, self.path)
 
     def entry(self, setting: Setting, key: str, context: dict) -> dict:
-        return self.settings.setdefault(key, {"setting": setting.as_dict(), "label": setting.label(), "context": context, "images": {}})
+        return self.settings.setdefault(
+            key, {"setting": setting.as_dict(), "label": setting.label(), "context": context, "images": {}}
+        )
 
 
 def run_sweep(
@@ -225,7 +275,9 @@ def run_sweep(
                 name = _image_name(i, s)
                 image.save(folder / f"{name}.png")
                 entry["images"][name] = asdict(
-                    ImageRecord(prompt_index=i, seed=s, prompt=prompts[i], file=f"images/{key}/{name}.png", seconds=seconds)
+                    ImageRecord(
+                        prompt_index=i, seed=s, prompt=prompts[i], file=f"images/{key}/{name}.png", seconds=seconds
+                    )
                 )
             manifest.save()  # after every batch: an interrupted sweep resumes from here
             bar.update(len(batch))
