@@ -73,9 +73,13 @@ def child(loader: str, folder: str, variant: str | None, dtype_name: str) -> dic
     t4 = time.perf_counter()
     n = sum(p.numel() for m in modules for p in m.parameters())
     return {
-        "import_s": t1 - t0, "load_s": t2 - t1, "touch_s": t3 - t2, "tokenizer_s": t4 - t3,
+        "import_s": t1 - t0,
+        "load_s": t2 - t1,
+        "touch_s": t3 - t2,
+        "tokenizer_s": t4 - t3,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
-        "parameters": n, "checksum": total,
+        "parameters": n,
+        "checksum": total,
     }
 
 
@@ -95,12 +99,25 @@ def make_folder(directory: Path, variant: str | None = None) -> Path:
 
     print(f"writing a random full-size amused-256 folder to {directory} ...", file=sys.stderr)
     torch.manual_seed(0)
-    text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                          num_attention_heads=12, projection_dim=768, max_position_embeddings=77,
-                          hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    text = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     transformer = UViT(UViTConfig.amused_256())
     components = convert.Components(
-        transformer=transformer, vqvae=VQGAN(VQGANConfig.amused()), text_encoder=CLIPTextModelWithProjection(text),
+        transformer=transformer,
+        vqvae=VQGAN(VQGANConfig.amused()),
+        text_encoder=CLIPTextModelWithProjection(text),
         tokenizer=offline_clip_tokenizer(),
         scheduler_config={"mask_token_id": transformer.config.mask_token_id, "masking_schedule": "cosine"},
     )
@@ -147,24 +164,35 @@ def main() -> None:
         for i in range(args.runs):
             runs.append(run_child(loader, args))
             print(f"{loader} run {i + 1}: {runs[-1]}", file=sys.stderr)
-        results[loader] = {k: statistics.median(r[k] for r in runs) for k in ("import_s", "load_s", "touch_s", "tokenizer_s", "peak_rss_gb")}
+        results[loader] = {
+            k: statistics.median(r[k] for r in runs)
+            for k in ("import_s", "load_s", "touch_s", "tokenizer_s", "peak_rss_gb")
+        }
         results[loader]["parameters"] = warm["parameters"]
         results[loader]["checksum"] = warm["checksum"]
     if results["ours"]["parameters"] != results["diffusers"]["parameters"]:
         print("WARNING: the two loaders loaded different parameter counts", file=sys.stderr)
 
     print(f"\nfolder: {args.folder}  dtype: {args.dtype}  variant: {args.variant}  runs: {args.runs} (median)")
-    print(f"{'loader':<10}{'import s':>10}{'load s':>10}{'touch s':>10}{'load+touch s':>14}{'peak RSS GB':>13}"
-          f"{'params':>15}{'tokenizer s':>13}")
+    print(
+        f"{'loader':<10}{'import s':>10}{'load s':>10}{'touch s':>10}{'load+touch s':>14}{'peak RSS GB':>13}"
+        f"{'params':>15}{'tokenizer s':>13}"
+    )
     for loader, r in results.items():
-        print(f"{loader:<10}{r['import_s']:>10.2f}{r['load_s']:>10.2f}{r['touch_s']:>10.2f}"
-              f"{r['load_s'] + r['touch_s']:>14.2f}{r['peak_rss_gb']:>13.2f}{r['parameters']:>15,}{r['tokenizer_s']:>13.2f}")
+        print(
+            f"{loader:<10}{r['import_s']:>10.2f}{r['load_s']:>10.2f}{r['touch_s']:>10.2f}"
+            f"{r['load_s'] + r['touch_s']:>14.2f}{r['peak_rss_gb']:>13.2f}{r['parameters']:>15,}{r['tokenizer_s']:>13.2f}"
+        )
     o, d = results["ours"], results["diffusers"]
-    print(f"\nspeed-up, load call: {d['load_s'] / o['load_s']:.1f}x; load + touch: "
-          f"{(d['load_s'] + d['touch_s']) / (o['load_s'] + o['touch_s']):.1f}x; "
-          f"import + load + touch: {(d['import_s'] + d['load_s'] + d['touch_s']) / (o['import_s'] + o['load_s'] + o['touch_s']):.1f}x")
+    print(
+        f"\nspeed-up, load call: {d['load_s'] / o['load_s']:.1f}x; load + touch: "
+        f"{(d['load_s'] + d['touch_s']) / (o['load_s'] + o['touch_s']):.1f}x; "
+        f"import + load + touch: {(d['import_s'] + d['load_s'] + d['touch_s']) / (o['import_s'] + o['load_s'] + o['touch_s']):.1f}x"
+    )
     tok = (o["tokenizer_s"] + d["tokenizer_s"]) / 2
-    print(f"without the shared tokenizer load (~{tok:.2f} s): {(d['load_s'] - tok) / max(o['load_s'] - tok, 1e-6):.1f}x")
+    print(
+        f"without the shared tokenizer load (~{tok:.2f} s): {(d['load_s'] - tok) / max(o['load_s'] - tok, 1e-6):.1f}x"
+    )
     print(f"peak RSS: ours {o['peak_rss_gb']:.2f} GB vs diffusers {d['peak_rss_gb']:.2f} GB")
     if tmp is not None:
         tmp.cleanup()

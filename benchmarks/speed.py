@@ -42,7 +42,9 @@ import torch
 warnings.filterwarnings("ignore")
 
 PROMPT = "a photo of a red fox in the snow"
-CLIP_256 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+CLIP_256 = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
+)
 CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
 
 
@@ -69,17 +71,27 @@ def build(layout: str, device: torch.device, dtype: torch.dtype, tokenizer_dir: 
     with torch.device(device):
         transformer = UVit2DModel(**ucfg.to_dict()).to(dtype).eval()
         vq = VQModel(**vcfg.to_diffusers_dict()).to(dtype).eval()
-        text_encoder = CLIPTextModelWithProjection(
-            CLIPTextConfig(vocab_size=49408, hidden_act="quick_gelu", eos_token_id=2, **clip)
-        ).to(dtype).eval()
+        text_encoder = (
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(vocab_size=49408, hidden_act="quick_gelu", eos_token_id=2, **clip)
+            )
+            .to(dtype)
+            .eval()
+        )
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    ref = AmusedPipeline(vqvae=vq, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
-                         scheduler=AmusedScheduler(mask_token_id=ucfg.mask_token_id))
+    ref = AmusedPipeline(
+        vqvae=vq,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        scheduler=AmusedScheduler(mask_token_id=ucfg.mask_token_id),
+    )
     ref.set_progress_bar_config(disable=True)
     ours = Pipeline(
         convert.uvit_from_diffusers(dict(transformer.config), transformer.state_dict()),
         convert.vqgan_from_diffusers(dict(vq.config), vq.state_dict()),
-        text_encoder, tokenizer,  # the same CLIP module: text encoding is not where the two differ
+        text_encoder,
+        tokenizer,  # the same CLIP module: text encoding is not where the two differ
     )
     return ref, ours
 
@@ -179,7 +191,9 @@ def measure_once(call, pipe, device) -> Sample:
 def bench(ref, ours, layout: str, batch: int, variant: str, device, reps: int) -> Row:
     row = Row(layout, batch, variant)
     prompts = [PROMPT] * batch
-    gen = lambda: torch.Generator(device).manual_seed(0)
+
+    def gen():
+        return torch.Generator(device).manual_seed(0)
 
     def run_ref(steps):
         kwargs = {"num_inference_steps": steps} if steps else {}
@@ -193,7 +207,7 @@ def bench(ref, ours, layout: str, batch: int, variant: str, device, reps: int) -
     if variant == "CUDA graphs":
         impls = impls[1:]  # diffusers has no graph replay of its own: compare against its compiled/eager rows
     samples: dict[str, list[Sample]] = {name: [] for name, _, _ in impls}
-    for name, call, _ in impls:  # warm-up: allocator, kernels/plans, and the compilation when compiled
+    for _name, call, _ in impls:  # warm-up: allocator, kernels/plans, and the compilation when compiled
         call(2 if variant == "eager" else None)
     for _ in range(reps):  # interleaved, so that a slow spell of a shared machine hits both alike
         for name, call, pipe in impls:
@@ -203,9 +217,14 @@ def bench(ref, ours, layout: str, batch: int, variant: str, device, reps: int) -
         text, vq = (statistics.median(r.parts[k] for r in runs) for k in ("text", "vq"))
         row.parts[name] = {"text": text, "loop": row.seconds[name] - text - vq, "vq": vq}
         row.peak_gb[name] = max(r.peak_gb for r in runs)
-        print(f"  {layout} batch {batch} {variant:<12} {name:<9} " + " ".join(f"{r.seconds:.3f}" for r in runs)
-              + f" s (median {row.seconds[name]:.3f}); parts " + " ".join(f"{k} {v:.3f}" for k, v in row.parts[name].items())
-              + f"; peak +{row.peak_gb[name]:.2f} GB", flush=True)
+        print(
+            f"  {layout} batch {batch} {variant:<12} {name:<9} "
+            + " ".join(f"{r.seconds:.3f}" for r in runs)
+            + f" s (median {row.seconds[name]:.3f}); parts "
+            + " ".join(f"{k} {v:.3f}" for k, v in row.parts[name].items())
+            + f"; peak +{row.peak_gb[name]:.2f} GB",
+            flush=True,
+        )
     if len(samples) == 2:
         row.tokens_equal = all(torch.equal(a.tokens, b.tokens) for a, b in zip(samples["diffusers"], samples["ours"]))
     return row
@@ -274,7 +293,10 @@ def machine_name(device: torch.device) -> str:
 
 def write_report(rows: list[Row], flops: dict, rate: float, device, dtype, args, out: Path) -> None:
     slug = re.sub(r"[^a-z0-9]+", "_", machine_name(device).lower()).strip("_")[:40]
-    md, png = out / f"speed_{slug}_{str(dtype).split('.')[-1]}.md", out / f"speed_{slug}_{str(dtype).split('.')[-1]}.png"
+    md, png = (
+        out / f"speed_{slug}_{str(dtype).split('.')[-1]}.md",
+        out / f"speed_{slug}_{str(dtype).split('.')[-1]}.png",
+    )
     lines = [
         f"# Speed: ours vs diffusers, {machine_name(device)}",
         "",
@@ -288,7 +310,10 @@ def write_report(rows: list[Row], flops: dict, rate: float, device, dtype, args,
     ]
     for r in rows:
         d, o = r.seconds.get("diffusers"), r.seconds["ours"]
-        fmt_parts = lambda p: " / ".join(f"{p[k]:.3f}" for k in ("text", "loop", "vq")) if p else "-"
+
+        def fmt_parts(p):
+            return " / ".join(f"{p[k]:.3f}" for k in ("text", "loop", "vq")) if p else "-"
+
         per_image = sum(flops[r.layout].values()) * r.batch
         lines.append(
             f"| {r.layout} | {r.batch} | {r.variant} | {f'{d:.3f}' if d else '-'} | {o:.3f} | "
@@ -296,12 +321,20 @@ def write_report(rows: list[Row], flops: dict, rate: float, device, dtype, args,
             f"{r.peak_gb.get('diffusers', float('nan')):.2f} / {r.peak_gb['ours']:.2f} | "
             f"{'-' if r.tokens_equal is None else r.tokens_equal} | {100 * per_image / o / rate:.0f}% |"
         )
-    lines += ["", f"Measured dense GEMM rate ({args.gemm_note}): {rate / 1e12:.2f} TFLOP/s.", "",
-              "FLOPs per image (batch 1; the loop runs two U-ViT rows per step for guidance):", "",
-              "| layout | text encoder | decoding loop (12 U-ViT steps + prepare) | VQ decode | total |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Measured dense GEMM rate ({args.gemm_note}): {rate / 1e12:.2f} TFLOP/s.",
+        "",
+        "FLOPs per image (batch 1; the loop runs two U-ViT rows per step for guidance):",
+        "",
+        "| layout | text encoder | decoding loop (12 U-ViT steps + prepare) | VQ decode | total |",
+        "|---|---|---|---|---|",
+    ]
     for layout, f in flops.items():
-        lines.append(f"| {layout} | {f['text'] / 1e9:.1f} G | {f['loop'] / 1e9:.1f} G | {f['vq'] / 1e9:.1f} G | "
-                     f"{sum(f.values()) / 1e9:.1f} G |")
+        lines.append(
+            f"| {layout} | {f['text'] / 1e9:.1f} G | {f['loop'] / 1e9:.1f} G | {f['vq'] / 1e9:.1f} G | "
+            f"{sum(f.values()) / 1e9:.1f} G |"
+        )
     md.write_text("\n".join(lines) + "\n")
     plot(rows, machine_name(device), dtype, png)
     print("\n".join(lines))

@@ -75,13 +75,30 @@ def make_random_model(model: str, folder: Path) -> Path:
         return folder
     torch.manual_seed(0)
     transformer = UViT(UViTConfig.amused_256() if model == "256" else UViTConfig.amused_512())
-    text = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        projection_dim=768, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-        bos_token_id=0, eos_token_id=2, pad_token_id=1,
-    ))
-    comps = Components(transformer, VQGAN(VQGANConfig.amused()), text, offline_clip_tokenizer(),
-                       default_scheduler_config(transformer.mask_token_id), "random")
+    text = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    )
+    comps = Components(
+        transformer,
+        VQGAN(VQGANConfig.amused()),
+        text,
+        offline_clip_tokenizer(),
+        default_scheduler_config(transformer.mask_token_id),
+        "random",
+    )
     tmp = folder.with_name(folder.name + ".tmp")
     save_components(comps, tmp)
     tmp.rename(folder)
@@ -108,29 +125,56 @@ def child(args) -> None:
     floor = current_rss_mb()
     res = 256 if args.model == "256" else 512
     work = Path(args.work_dir)
-    weights = Path(args.model_weights) if args.model_weights else make_random_model(args.model, work / f"random-amused-{args.model}")
+    weights = (
+        Path(args.model_weights)
+        if args.model_weights
+        else make_random_model(args.model, work / f"random-amused-{args.model}")
+    )
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         images = Path(tmp) / "images"
         images.mkdir()
         rng = np.random.default_rng(0)
-        Image.fromarray(rng.integers(0, 256, (res + 64, res, 3), dtype=np.uint8)).save(images / "a pixel art character.png")
+        Image.fromarray(rng.integers(0, 256, (res + 64, res, 3), dtype=np.uint8)).save(
+            images / "a pixel art character.png"
+        )
         cuda = args.device.startswith("cuda")
         cfg = TrainConfig(
-            pretrained_model_name_or_path=str(weights), instance_data_dir=str(images), resolution=res,
-            train_batch_size=1, gradient_accumulation_steps=args.accumulation or (published(args.model, args.recipe)[1] if cuda else 1),
-            max_train_steps=args.steps, mixed_precision=args.mixed_precision or ("fp16" if cuda else "bf16"),
-            gradient_checkpointing=True, lr_scheduler="constant", output_dir=str(Path(tmp) / "out"), seed=0,
-            logging_steps=10**6, checkpointing_steps=10**6, save_at_end=False, device=args.device,
+            pretrained_model_name_or_path=str(weights),
+            instance_data_dir=str(images),
+            resolution=res,
+            train_batch_size=1,
+            gradient_accumulation_steps=args.accumulation or (published(args.model, args.recipe)[1] if cuda else 1),
+            max_train_steps=args.steps,
+            mixed_precision=args.mixed_precision or ("fp16" if cuda else "bf16"),
+            gradient_checkpointing=True,
+            lr_scheduler="constant",
+            output_dir=str(Path(tmp) / "out"),
+            seed=0,
+            logging_steps=10**6,
+            checkpointing_steps=10**6,
+            save_at_end=False,
+            device=args.device,
             **RECIPES[args.recipe],
         )
         start = time.perf_counter()
         result = train(cfg)
         seconds = time.perf_counter() - start
-    print("RESULT " + json.dumps({
-        "model": args.model, "recipe": args.recipe, "device": args.device, "mixed_precision": cfg.mixed_precision,
-        "accumulation": cfg.gradient_accumulation_steps, "steps": args.steps, "seconds": round(seconds, 1),
-        "floor_rss_mb": round(floor, 1), **result.memory,
-    }))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "model": args.model,
+                "recipe": args.recipe,
+                "device": args.device,
+                "mixed_precision": cfg.mixed_precision,
+                "accumulation": cfg.gradient_accumulation_steps,
+                "steps": args.steps,
+                "seconds": round(seconds, 1),
+                "floor_rss_mb": round(floor, 1),
+                **result.memory,
+            }
+        )
+    )
 
 
 # --- the parent: every configuration in a fresh process, then the table ----------------------------------------------
@@ -140,8 +184,23 @@ def run_all(args) -> list[dict]:
     rows = []
     for model in args.models:
         for recipe in args.recipes:
-            cmd = [sys.executable, __file__, "--child", "--model", model, "--recipe", recipe, "--device", args.device,
-                   "--steps", str(args.steps), "--work_dir", args.work_dir, "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--model",
+                model,
+                "--recipe",
+                recipe,
+                "--device",
+                args.device,
+                "--steps",
+                str(args.steps),
+                "--work_dir",
+                args.work_dir,
+                "--threads",
+                str(args.threads),
+            ]
             if args.weights:
                 cmd += ["--model_weights", args.weights[model]]
             for flag in ("mixed_precision", "accumulation"):
@@ -154,12 +213,12 @@ def run_all(args) -> list[dict]:
                 # the resident size follows the live tensors instead of keeping freed heap pages (fragmentation)
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
                 rows.append({"model": model, "recipe": recipe, "error": f"exit {proc.returncode}"})
                 continue
-            rows.append(json.loads(lines[-1][len("RESULT "):]))
+            rows.append(json.loads(lines[-1][len("RESULT ") :]))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -169,7 +228,13 @@ def table(rows: list[dict]) -> str:
     head = ["model", "recipe", "published GB (batch x acc)", "goal GB (-30%)"]
     if cuda:
         head += ["CUDA max allocated, training GiB", "vs published", "CUDA max reserved GiB"]
-    head += ["CPU peak RSS, training GiB", "above the floor GiB", "CPU peak RSS, whole run GiB", "RSS floor GiB", "s / run"]
+    head += [
+        "CPU peak RSS, training GiB",
+        "above the floor GiB",
+        "CPU peak RSS, whole run GiB",
+        "RSS floor GiB",
+        "s / run",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         pub, acc = published(r["model"], r["recipe"])
@@ -179,9 +244,18 @@ def table(rows: list[dict]) -> str:
             continue
         if cuda:
             alloc = r.get("training_cuda_max_allocated_mb", 0) / 1024
-            cells += [f"{alloc:.2f}", f"{100 * (alloc / pub - 1):+.0f}%", f"{r.get('training_cuda_max_reserved_mb', 0) / 1024:.2f}"]
-        cells += [f"{r['training_peak_rss_mb'] / 1024:.2f}", f"{(r['training_peak_rss_mb'] - r['floor_rss_mb']) / 1024:.2f}",
-                  f"{r['peak_rss_mb'] / 1024:.2f}", f"{r['floor_rss_mb'] / 1024:.2f}", str(r["seconds"])]
+            cells += [
+                f"{alloc:.2f}",
+                f"{100 * (alloc / pub - 1):+.0f}%",
+                f"{r.get('training_cuda_max_reserved_mb', 0) / 1024:.2f}",
+            ]
+        cells += [
+            f"{r['training_peak_rss_mb'] / 1024:.2f}",
+            f"{(r['training_peak_rss_mb'] - r['floor_rss_mb']) / 1024:.2f}",
+            f"{r['peak_rss_mb'] / 1024:.2f}",
+            f"{r['floor_rss_mb'] / 1024:.2f}",
+            str(r["seconds"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -191,13 +265,34 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["256", "512"], choices=["256", "512"])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps per configuration (the first allocates the optimizer state)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="optimizer steps per configuration (the first allocates the optimizer state)",
+    )
     p.add_argument("--accumulation", type=int, default=None, help="default: the published row's on CUDA, 1 on CPU")
-    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: fp16 on CUDA (as published), bf16 on CPU")
-    p.add_argument("--weights", nargs=2, metavar=("DIR256", "DIR512"), default=None, help="real model folders instead of random ones")
+    p.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="default: fp16 on CUDA (as published), bf16 on CPU",
+    )
+    p.add_argument(
+        "--weights",
+        nargs=2,
+        metavar=("DIR256", "DIR512"),
+        default=None,
+        help="real model folders instead of random ones",
+    )
     p.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "muse-train-memory"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--malloc_mmap_threshold", type=int, default=65536, help="glibc MALLOC_MMAP_THRESHOLD_ for the children (0: glibc's default)")
+    p.add_argument(
+        "--malloc_mmap_threshold",
+        type=int,
+        default=65536,
+        help="glibc MALLOC_MMAP_THRESHOLD_ for the children (0: glibc's default)",
+    )
     p.add_argument("--json", default=None, help="also write the rows here")
     # the child's own options
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -35,17 +35,30 @@ def parse_args(argv=None, prog: str = "python -m convert") -> argparse.Namespace
         description="Convert aMUSEd checkpoints: published diffusers folders or hub ids, open-muse checkpoints and "
         "our own format, into our format or back into a diffusers pipeline folder.",
     )
-    p.add_argument("src", metavar="SRC", help="a diffusers pipeline folder, a hub id, an open-muse checkpoint folder, or one of ours")
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="a diffusers pipeline folder, a hub id, an open-muse checkpoint folder, or one of ours",
+    )
     p.add_argument("dst", metavar="DST", help="the folder to write (must not exist, unless --overwrite)")
     p.add_argument("--to", choices=("ours", "diffusers"), default="ours", help="output format (default: ours)")
-    p.add_argument("--variant", default=None,
-                   help="weight-file variant on the diffusers side: read SRC's *.VARIANT.safetensors, and with "
-                   "--to diffusers write DST's files under that variant (e.g. fp16)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="precision of the written weights (default: float16 with --variant fp16, bfloat16 with "
-                   "--variant bf16, otherwise float32)")
+    p.add_argument(
+        "--variant",
+        default=None,
+        help="weight-file variant on the diffusers side: read SRC's *.VARIANT.safetensors, and with "
+        "--to diffusers write DST's files under that variant (e.g. fp16)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="precision of the written weights (default: float16 with --variant fp16, bfloat16 with "
+        "--variant bf16, otherwise float32)",
+    )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) when SRC is a hub id")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once the new one is complete)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace DST if it exists (only once the new one is complete)"
+    )
     return p.parse_args(argv)
 
 
@@ -206,15 +219,21 @@ def _replace(tmp: Path, dst: Path) -> None:
 def summary(components, args, kind: str, dtype_name: str, dst: Path, written: list[Path]) -> str:
     params = components.num_parameters()
     variant = f", {args.variant} variant" if args.variant and kind == "diffusers" else ""
-    lines = [f"converted {args.src} ({kind}{variant}) -> {dst} ({args.to}"
-             + (f", {args.variant} variant" if args.to == "diffusers" and args.variant else "") + ")", ""]
+    lines = [
+        f"converted {args.src} ({kind}{variant}) -> {dst} ({args.to}"
+        + (f", {args.variant} variant" if args.to == "diffusers" and args.variant else "")
+        + ")",
+        "",
+    ]
     lines.append(f"  {'component':<14}{'class':<30}{'parameters':>14}  dtype")
     for name, module in components.modules().items():
         dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
         lines.append(f"  {name:<14}{type(module).__name__:<30}{params[name]:>14,}  {dtype}")
     lines.append(f"  {'total':<44}{sum(params.values()):>14,}")
     tok = components.tokenizer
-    lines.append(f"  {'tokenizer':<14}{type(tok).__name__:<30}  vocab {len(tok):,}, pads with {tok.pad_token} to {tok.model_max_length}")
+    lines.append(
+        f"  {'tokenizer':<14}{type(tok).__name__:<30}  vocab {len(tok):,}, pads with {tok.pad_token} to {tok.model_max_length}"
+    )
     sc = components.scheduler_config
     lines.append(f"  {'scheduler':<14}mask id {sc['mask_token_id']}, {sc['masking_schedule']} schedule")
     total = sum(p.stat().st_size for p in written)

@@ -23,7 +23,9 @@ MODEL_MAX_LENGTH = 77
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The reversible byte -> printable-character table of GPT-2/CLIP BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):

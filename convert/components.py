@@ -21,7 +21,9 @@ class Components:
     vqvae: VQGAN
     text_encoder: nn.Module  # transformers CLIPTextModelWithProjection
     tokenizer: object  # transformers CLIPTokenizer, pads with <|endoftext|> (49407) to 77
-    scheduler_config: dict = field(default_factory=dict)  # {"mask_token_id": int, "masking_schedule": "cosine"|"linear"}
+    scheduler_config: dict = field(
+        default_factory=dict
+    )  # {"mask_token_id": int, "masking_schedule": "cosine"|"linear"}
     source: str = ""  # where it came from (a path or a hub id)
 
     MODULES = ("transformer", "vqvae", "text_encoder")
@@ -48,7 +50,9 @@ def default_scheduler_config(mask_token_id: int) -> dict:
 def check_scheduler_config(config: dict, uvit_config: UViTConfig, path) -> dict:
     """The scheduler config, checked against the transformer (raises CheckpointError naming `path`)."""
     if config["masking_schedule"] not in MASKING_SCHEDULES:
-        raise CheckpointError(f"{path}: masking_schedule {config['masking_schedule']!r} is not one of {MASKING_SCHEDULES}")
+        raise CheckpointError(
+            f"{path}: masking_schedule {config['masking_schedule']!r} is not one of {MASKING_SCHEDULES}"
+        )
     mask = config["mask_token_id"]
     if not (uvit_config.codebook_size <= mask < uvit_config.vocab_size):
         raise CheckpointError(

@@ -61,7 +61,10 @@ UVIT_KEYMAP = KeyMap(
 
 VQGAN_KEYMAP = KeyMap(
     rules=[
-        (r"encoder\.levels\.(\d+)\.blocks\.(\d+)\.shortcut\.(.*)", r"encoder.down_blocks.\1.resnets.\2.conv_shortcut.\3"),
+        (
+            r"encoder\.levels\.(\d+)\.blocks\.(\d+)\.shortcut\.(.*)",
+            r"encoder.down_blocks.\1.resnets.\2.conv_shortcut.\3",
+        ),
         (r"encoder\.levels\.(\d+)\.blocks\.(\d+)\.(.*)", r"encoder.down_blocks.\1.resnets.\2.\3"),
         (r"encoder\.levels\.(\d+)\.resample\.conv\.(.*)", r"encoder.down_blocks.\1.downsamplers.0.conv.\2"),
         (r"decoder\.levels\.(\d+)\.blocks\.(\d+)\.shortcut\.(.*)", r"decoder.up_blocks.\1.resnets.\2.conv_shortcut.\3"),

@@ -66,7 +66,11 @@ def export_pipeline(components: Components, directory: str | os.PathLike, varian
 
     d = root / "scheduler"
     d.mkdir(exist_ok=True)
-    scheduler = {"_class_name": "AmusedScheduler", "_diffusers_version": DIFFUSERS_VERSION, **components.scheduler_config}
+    scheduler = {
+        "_class_name": "AmusedScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **components.scheduler_config,
+    }
     written.append(write_json(d / "scheduler_config.json", scheduler))
     return written
 

@@ -24,11 +24,17 @@ def pipeline_patterns(variant: str | None, sharded: bool = True) -> list[str]:
     """The files of a published aMUSEd pipeline repository that loading needs (one weight precision only).
     `sharded` adds the names of split weight files (the published repositories have none)."""
     if variant:
-        weights = [f"*/*.{variant}.safetensors"] + ([f"*/*.safetensors.index.{variant}.json", f"*/*.{variant}.safetensors.index.json"] if sharded else [])
+        weights = [f"*/*.{variant}.safetensors"] + (
+            [f"*/*.safetensors.index.{variant}.json", f"*/*.{variant}.safetensors.index.json"] if sharded else []
+        )
     else:
         weights = ["*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
         if sharded:
-            weights += ["*/*.safetensors.index.json", "*/diffusion_pytorch_model-*.safetensors", "*/model-*.safetensors"]
+            weights += [
+                "*/*.safetensors.index.json",
+                "*/diffusion_pytorch_model-*.safetensors",
+                "*/model-*.safetensors",
+            ]
     return ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"] + weights
 
 
@@ -59,12 +65,16 @@ def download_instructions(repo_id: str, variant: str | None, revision: str | Non
     )
 
 
-def resolve_pipeline_dir(path_or_id: str | os.PathLike, variant: str | None = None, revision: str | None = None) -> Path:
+def resolve_pipeline_dir(
+    path_or_id: str | os.PathLike, variant: str | None = None, revision: str | None = None
+) -> Path:
     """A local folder for `path_or_id`: the path itself when it exists, otherwise the hub snapshot of that id."""
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CheckpointError(f"{path}: expected a folder (a pipeline, one of ours or an open-muse checkpoint), got a file")
+            raise CheckpointError(
+                f"{path}: expected a folder (a pipeline, one of ours or an open-muse checkpoint), got a file"
+            )
         return path
     repo_id = str(path_or_id)
     if not _HUB_ID.match(repo_id):
@@ -88,6 +98,7 @@ def resolve_pipeline_dir(path_or_id: str | os.PathLike, variant: str | None = No
         ) from None
     except OSError as e:  # connection errors without a cached snapshot
         raise CheckpointError(
-            f"{repo_id}: cannot download it ({e.__class__.__name__}: {e}). " + download_instructions(repo_id, variant, revision)
+            f"{repo_id}: cannot download it ({e.__class__.__name__}: {e}). "
+            + download_instructions(repo_id, variant, revision)
         ) from None
     return Path(folder)

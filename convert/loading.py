@@ -69,7 +69,9 @@ def find_weights(folder: Path, stems: Iterable[str], variant: str | None = None)
         tried.append(name)
         if (folder / name).is_file():
             return folder / name
-    present = sorted(p.name for p in folder.iterdir() if p.is_file() and (".safetensors" in p.name or p.suffix == ".bin"))
+    present = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and (".safetensors" in p.name or p.suffix == ".bin")
+    )
     hint = ""
     if variant and present:
         hint = f"; it holds {present}: load without the {variant!r} variant"
@@ -114,7 +116,9 @@ def _network_from_folder(folder: Path, variant, dtype, stems, class_name, build:
         raise CheckpointError(f"{weights}: does not match {config_path}: {e}") from None
 
 
-def load_published(folder: str | Path, dtype: torch.dtype | None = None, variant: str | None = None, progress=None) -> Components:
+def load_published(
+    folder: str | Path, dtype: torch.dtype | None = None, variant: str | None = None, progress=None
+) -> Components:
     """A diffusers aMUSEd pipeline folder (model_index.json + one folder per component) -> our Components."""
     folder = Path(folder)
     index_path = folder / DIFFUSERS_MARKER
@@ -122,16 +126,34 @@ def load_published(folder: str | Path, dtype: torch.dtype | None = None, variant
     _check_class(index, index_path, PIPELINE_CLASSES)
     for name in ("transformer", "vqvae", "text_encoder"):
         if not (folder / name).is_dir():
-            raise CheckpointError(f"{folder}: the {name}/ component folder is missing (a published aMUSEd pipeline has "
-                                  "transformer/, vqvae/, text_encoder/, tokenizer/ and scheduler/)")
+            raise CheckpointError(
+                f"{folder}: the {name}/ component folder is missing (a published aMUSEd pipeline has "
+                "transformer/, vqvae/, text_encoder/, tokenizer/ and scheduler/)"
+            )
     step = progress or (lambda name: None)
 
     step("transformer")
-    transformer = _network_from_folder(folder / "transformer", variant, dtype, ("diffusion_pytorch_model",),
-                                       "UVit2DModel", uvit_from_diffusers, UViTConfig, "U-ViT")
+    transformer = _network_from_folder(
+        folder / "transformer",
+        variant,
+        dtype,
+        ("diffusion_pytorch_model",),
+        "UVit2DModel",
+        uvit_from_diffusers,
+        UViTConfig,
+        "U-ViT",
+    )
     step("vqvae")
-    vqvae = _network_from_folder(folder / "vqvae", variant, dtype, ("diffusion_pytorch_model",),
-                                 "VQModel", vqgan_from_diffusers, VQGANConfig, "VQ-GAN")
+    vqvae = _network_from_folder(
+        folder / "vqvae",
+        variant,
+        dtype,
+        ("diffusion_pytorch_model",),
+        "VQModel",
+        vqgan_from_diffusers,
+        VQGANConfig,
+        "VQ-GAN",
+    )
     step("text_encoder")
     te_folder = folder / "text_encoder"
     te_weights = find_weights(te_folder, ("model", "pytorch_model"), variant)
@@ -148,7 +170,9 @@ def load_published(folder: str | Path, dtype: torch.dtype | None = None, variant
 def scheduler_config_from(path: Path, uvit_config: UViTConfig) -> dict:
     """{"mask_token_id", "masking_schedule"} from a scheduler config file, checked against the transformer."""
     if not path.is_file():
-        log.info("%s missing: using mask id %d (vocab_size - 1) and the cosine schedule", path, uvit_config.mask_token_id)
+        log.info(
+            "%s missing: using mask id %d (vocab_size - 1) and the cosine schedule", path, uvit_config.mask_token_id
+        )
         return default_scheduler_config(uvit_config.mask_token_id)
     raw = read_json(path, "scheduler config")
     _check_class(raw, path, "AmusedScheduler")

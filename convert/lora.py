@@ -59,8 +59,15 @@ def find_targets(model: nn.Module, patterns) -> list[str]:
     return layers.find_targets(model, patterns, module_namer(model))
 
 
-def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0, adapter_dtype=torch.float32,
-                aliases: Mapping[str, str] | None = None) -> list[str]:
+def inject_lora(
+    model: nn.Module,
+    targets,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    adapter_dtype=torch.float32,
+    aliases: Mapping[str, str] | None = None,
+) -> list[str]:
     """`uvit.lora.inject_lora` with diffusers' module names understood too, so the reference's targets
     (`to_q to_k to_v`) adapt the same layers as ours (`q k v`)."""
     return layers.inject_lora(model, targets, rank, alpha, dropout, adapter_dtype, aliases, namer=module_namer(model))
@@ -74,7 +81,11 @@ def to_muse_state_dict(adapters: Mapping[str, Adapter]) -> tuple[dict[str, torch
     for name, ad in adapters.items():
         tensors[f"{name}.lora_a.weight"] = ad.a.contiguous()
         tensors[f"{name}.lora_b.weight"] = ad.b.contiguous()
-    metadata = {"format": "pt", "lora_format": MUSE_FORMAT, "alphas": json.dumps({n: ad.alpha for n, ad in adapters.items()})}
+    metadata = {
+        "format": "pt",
+        "lora_format": MUSE_FORMAT,
+        "alphas": json.dumps({n: ad.alpha for n, ad in adapters.items()}),
+    }
     return tensors, metadata
 
 
@@ -111,7 +122,11 @@ def _most_common(values):
 
 
 def save_lora(
-    model: nn.Module, path: str | Path, fmt: str = "muse", prefix: str = "transformer", extra: Mapping[str, nn.Module] | None = None
+    model: nn.Module,
+    path: str | Path,
+    fmt: str = "muse",
+    prefix: str = "transformer",
+    extra: Mapping[str, nn.Module] | None = None,
 ) -> Path:
     """Write the adapters of `model` alone as safetensors. `path` may be a directory (the standard file name of the
     format is used) or a file. fmt "peft" writes the diffusers/peft layout with `prefix` ("transformer"); `extra`
@@ -240,7 +255,9 @@ def _parse_peft(tensors, metadata, model, prefix, alpha_override) -> dict[str, A
             alpha = _peft_alpha(theirs, a.shape[0], config, tensors)
         out[ours_of[theirs]] = Adapter(a, b, float(alpha))
     if unknown:
-        raise ValueError(f"LoRA file names {len(unknown)} module(s) that {type(model).__name__} does not have: {unknown[:5]}")
+        raise ValueError(
+            f"LoRA file names {len(unknown)} module(s) that {type(model).__name__} does not have: {unknown[:5]}"
+        )
     return out
 
 

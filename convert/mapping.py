@@ -49,7 +49,8 @@ def value_error(what: str, problems: list[str]) -> WeightValueError:
     wrong_type = [p for p in problems if "not a float type" in p]
     hint = (
         "; the model's weights are float32, float16 or bfloat16: the file's header is corrupt or was rewritten"
-        if wrong_type else "; the weights are corrupt (or were trained into NaN)"
+        if wrong_type
+        else "; the weights are corrupt (or were trained into NaN)"
     )
     return WeightValueError(f"{what}: {len(problems)} tensor(s) cannot be weights: {_preview(problems)}{hint}")
 

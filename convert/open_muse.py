@@ -52,7 +52,12 @@ log = logging.getLogger(__name__)
 
 UVIT_CLASSES = ("MaskGiTUViT_v2", "MaskGiTUViT")
 VQ_CLASSES = ("VQGANModel",)
-WEIGHT_NAMES = ("pytorch_model.bin", "model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.safetensors")
+WEIGHT_NAMES = (
+    "pytorch_model.bin",
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_model.safetensors",
+)
 VQ_FOLDERS = ("vae", "vqvae")
 
 
@@ -87,14 +92,26 @@ OPEN_MUSE_UVIT_KEYMAP = RenamedKeyMap(
         (r"cond_embed\.linear_2\.(.*)", r"cond_embed.2.\1"),
         # transformer layers
         (r"transformer_layers\.(\d+)\.norm1\.norm\.(.*)", r"transformer_layers.\1.attn_layer_norm.\2"),
-        (r"transformer_layers\.(\d+)\.norm1\.linear\.(.*)", r"transformer_layers.\1.self_attn_adaLN_modulation.mapper.\2"),
+        (
+            r"transformer_layers\.(\d+)\.norm1\.linear\.(.*)",
+            r"transformer_layers.\1.self_attn_adaLN_modulation.mapper.\2",
+        ),
         (r"transformer_layers\.(\d+)\.norm2\.norm\.(.*)", r"transformer_layers.\1.crossattn_layer_norm.\2"),
-        (r"transformer_layers\.(\d+)\.norm2\.linear\.(.*)", r"transformer_layers.\1.cross_attn_adaLN_modulation.mapper.\2"),
+        (
+            r"transformer_layers\.(\d+)\.norm2\.linear\.(.*)",
+            r"transformer_layers.\1.cross_attn_adaLN_modulation.mapper.\2",
+        ),
         (r"transformer_layers\.(\d+)\.norm3\.norm\.(.*)", r"transformer_layers.\1.ffn.pre_mlp_layer_norm.\2"),
         (r"transformer_layers\.(\d+)\.norm3\.linear\.(.*)", r"transformer_layers.\1.ffn.adaLN_modulation.mapper.\2"),
-        (r"transformer_layers\.(\d+)\.attn1\.to_(q|k|v)\.(.*)", lambda m: f"transformer_layers.{m[1]}.attention.{_QKV[m[2]]}.{m[3]}"),
+        (
+            r"transformer_layers\.(\d+)\.attn1\.to_(q|k|v)\.(.*)",
+            lambda m: f"transformer_layers.{m[1]}.attention.{_QKV[m[2]]}.{m[3]}",
+        ),
         (r"transformer_layers\.(\d+)\.attn1\.to_out\.0\.(.*)", r"transformer_layers.\1.attention.out.\2"),
-        (r"transformer_layers\.(\d+)\.attn2\.to_(q|k|v)\.(.*)", lambda m: f"transformer_layers.{m[1]}.crossattention.{_QKV[m[2]]}.{m[3]}"),
+        (
+            r"transformer_layers\.(\d+)\.attn2\.to_(q|k|v)\.(.*)",
+            lambda m: f"transformer_layers.{m[1]}.crossattention.{_QKV[m[2]]}.{m[3]}",
+        ),
         (r"transformer_layers\.(\d+)\.attn2\.to_out\.0\.(.*)", r"transformer_layers.\1.crossattention.out.\2"),
         (r"transformer_layers\.(\d+)\.ff\.net\.0\.proj\.(.*)", rf"transformer_layers.\1.ffn.{GEGLU_PAIR}.\2"),
         (r"transformer_layers\.(\d+)\.ff\.net\.2\.(.*)", r"transformer_layers.\1.ffn.wo.\2"),
@@ -107,14 +124,29 @@ OPEN_MUSE_UVIT_KEYMAP = RenamedKeyMap(
         (_BLOCK + r"res_blocks\.(\d+)\.channelwise_linear_1\.(.*)", r"\1_blocks.0.res_blocks.\2.channelwise.0.\3"),
         (_BLOCK + r"res_blocks\.(\d+)\.channelwise_norm\.(.*)", r"\1_blocks.0.res_blocks.\2.channelwise.2.\3"),
         (_BLOCK + r"res_blocks\.(\d+)\.channelwise_linear_2\.(.*)", r"\1_blocks.0.res_blocks.\2.channelwise.4.\3"),
-        (_BLOCK + r"res_blocks\.(\d+)\.cond_embeds_mapper\.(.*)", r"\1_blocks.0.res_blocks.\2.adaLN_modulation.mapper.\3"),
+        (
+            _BLOCK + r"res_blocks\.(\d+)\.cond_embeds_mapper\.(.*)",
+            r"\1_blocks.0.res_blocks.\2.adaLN_modulation.mapper.\3",
+        ),
         (_BLOCK + r"res_blocks\.(\d+)\.(.*)", r"\1_blocks.0.res_blocks.\2.\3"),
         (_BLOCK + r"attention_blocks\.(\d+)\.norm1\.(.*)", r"\1_blocks.0.attention_blocks.\2.attn_layer_norm.\3"),
         (_BLOCK + r"attention_blocks\.(\d+)\.norm2\.(.*)", r"\1_blocks.0.attention_blocks.\2.crossattn_layer_norm.\3"),
-        (_BLOCK + r"attention_blocks\.(\d+)\.attn1\.to_(q|k|v)\.(.*)", lambda m: f"{m[1]}_blocks.0.attention_blocks.{m[2]}.attention.{_QKV[m[3]]}.{m[4]}"),
-        (_BLOCK + r"attention_blocks\.(\d+)\.attn1\.to_out\.0\.(.*)", r"\1_blocks.0.attention_blocks.\2.attention.out.\3"),
-        (_BLOCK + r"attention_blocks\.(\d+)\.attn2\.to_(q|k|v)\.(.*)", lambda m: f"{m[1]}_blocks.0.attention_blocks.{m[2]}.crossattention.{_QKV[m[3]]}.{m[4]}"),
-        (_BLOCK + r"attention_blocks\.(\d+)\.attn2\.to_out\.0\.(.*)", r"\1_blocks.0.attention_blocks.\2.crossattention.out.\3"),
+        (
+            _BLOCK + r"attention_blocks\.(\d+)\.attn1\.to_(q|k|v)\.(.*)",
+            lambda m: f"{m[1]}_blocks.0.attention_blocks.{m[2]}.attention.{_QKV[m[3]]}.{m[4]}",
+        ),
+        (
+            _BLOCK + r"attention_blocks\.(\d+)\.attn1\.to_out\.0\.(.*)",
+            r"\1_blocks.0.attention_blocks.\2.attention.out.\3",
+        ),
+        (
+            _BLOCK + r"attention_blocks\.(\d+)\.attn2\.to_(q|k|v)\.(.*)",
+            lambda m: f"{m[1]}_blocks.0.attention_blocks.{m[2]}.crossattention.{_QKV[m[3]]}.{m[4]}",
+        ),
+        (
+            _BLOCK + r"attention_blocks\.(\d+)\.attn2\.to_out\.0\.(.*)",
+            r"\1_blocks.0.attention_blocks.\2.crossattention.out.\3",
+        ),
         (_BLOCK + r"attention_blocks\.(\d+)\.(.*)", r"\1_blocks.0.attention_blocks.\2.\3"),
         # head
         (r"mlm_layer\.layer_norm\.(.*)", r"mlm_layer.layer_norm.norm.\1"),
@@ -133,14 +165,32 @@ def open_muse_vqgan_keymap(num_levels: int) -> RenamedKeyMap:
     return RenamedKeyMap(
         base=VQGAN_KEYMAP,
         rules=[
-            (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.(.*)", r"encoder.down.\1.block.\2.nin_shortcut.\3"),
+            (
+                r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.(.*)",
+                r"encoder.down.\1.block.\2.nin_shortcut.\3",
+            ),
             (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", r"encoder.down.\1.block.\2.\3"),
             (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", r"encoder.down.\1.downsample.conv.\2"),
-            (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.(.*)", lambda m: f"decoder.up.{up(m[1])}.block.{m[2]}.nin_shortcut.{m[3]}"),
-            (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", lambda m: f"decoder.up.{up(m[1])}.block.{m[2]}.{m[3]}"),
-            (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", lambda m: f"decoder.up.{up(m[1])}.upsample.conv.{m[2]}"),
-            (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.conv_shortcut\.(.*)", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.nin_shortcut.{m[3]}"),
-            (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"),
+            (
+                r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.(.*)",
+                lambda m: f"decoder.up.{up(m[1])}.block.{m[2]}.nin_shortcut.{m[3]}",
+            ),
+            (
+                r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)",
+                lambda m: f"decoder.up.{up(m[1])}.block.{m[2]}.{m[3]}",
+            ),
+            (
+                r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)",
+                lambda m: f"decoder.up.{up(m[1])}.upsample.conv.{m[2]}",
+            ),
+            (
+                r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.conv_shortcut\.(.*)",
+                lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.nin_shortcut.{m[3]}",
+            ),
+            (
+                r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)",
+                lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}",
+            ),
             (r"(encoder|decoder)\.conv_norm_out\.(.*)", r"\1.norm_out.\2"),
         ],
     )
@@ -164,27 +214,39 @@ def join_geglu_halves(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
 # --- configs -------------------------------------------------------------------------------------------------------
 
 # UViTConfig fields the tensor shapes cannot tell (MaskGiTUViT_v2 config.json uses the same names)
-_NOT_FROM_SHAPES = ("num_attention_heads", "block_num_heads", "micro_cond_encode_dim", "layer_norm_eps",
-                    "hidden_dropout", "attention_dropout")
+_NOT_FROM_SHAPES = (
+    "num_attention_heads",
+    "block_num_heads",
+    "micro_cond_encode_dim",
+    "layer_norm_eps",
+    "hidden_dropout",
+    "attention_dropout",
+)
 
 
 def _one(value, field: str, where):
     """open-muse keeps some per-block settings as 1-element lists."""
     if isinstance(value, (list, tuple)):
         if len(value) != 1:
-            raise CheckpointError(f"{where}: {field}={list(value)}: aMUSEd's U-ViT has one conv stage, expected one value")
+            raise CheckpointError(
+                f"{where}: {field}={list(value)}: aMUSEd's U-ViT has one conv stage, expected one value"
+            )
         return value[0]
     return value
 
 
-def uvit_config_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.Tensor], where="config.json") -> UViTConfig:
+def uvit_config_from_open_muse(
+    config: Mapping, state_dict: Mapping[str, torch.Tensor], where="config.json"
+) -> UViTConfig:
     """A UViTConfig for an open-muse MaskGiTUViT checkpoint: sizes from the tensor shapes (checked against the
     config where it states them), the rest from the config (see the module docstring)."""
     cls = config.get("_class_name", "MaskGiTUViT_v2")
     if cls not in UVIT_CLASSES:
         raise CheckpointError(f"{where}: _class_name {cls!r} is not an open-muse U-ViT ({', '.join(UVIT_CLASSES)})")
     if config.get("norm_type", "rmsnorm" if cls == "MaskGiTUViT_v2" else None) != "rmsnorm":
-        raise CheckpointError(f"{where}: norm_type {config.get('norm_type')!r} is not supported: aMUSEd's U-ViT uses 'rmsnorm'")
+        raise CheckpointError(
+            f"{where}: norm_type {config.get('norm_type')!r} is not supported: aMUSEd's U-ViT uses 'rmsnorm'"
+        )
     if config.get("use_fused_mlp", False):
         raise CheckpointError(f"{where}: use_fused_mlp=true (a GELU MLP without the gated half) is not aMUSEd's U-ViT")
 
@@ -221,7 +283,9 @@ def uvit_config_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.T
         stated["block_num_heads"] = _one(stated["block_num_heads"], "block_num_heads", where)
     if "force_down_up_sample" in stated:
         stated["downsample"] = stated["upsample"] = bool(stated["force_down_up_sample"])
-    mismatched = [f"{k}={stated[k]!r} but the weights have {v!r}" for k, v in inferred.items() if k in stated and stated[k] != v]
+    mismatched = [
+        f"{k}={stated[k]!r} but the weights have {v!r}" for k, v in inferred.items() if k in stated and stated[k] != v
+    ]
     if mismatched:
         raise CheckpointError(f"{where} does not match its weights: " + "; ".join(mismatched))
 
@@ -233,10 +297,15 @@ def uvit_config_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.T
         elif cls == "MaskGiTUViT_v2":
             values[field] = getattr(defaults, field)
         else:
-            raise CheckpointError(f"{where}: {cls} config lacks {field!r}, which the weights cannot tell; add it to config.json")
+            raise CheckpointError(
+                f"{where}: {cls} config lacks {field!r}, which the weights cannot tell; add it to config.json"
+            )
     # the split of the conditioning input between the pooled text embedding and the micro-conditions
     if "cond_embed_dim" in stated and "micro_cond_embed_dim" in stated:
-        values["cond_embed_dim"], values["micro_cond_embed_dim"] = stated["cond_embed_dim"], stated["micro_cond_embed_dim"]
+        values["cond_embed_dim"], values["micro_cond_embed_dim"] = (
+            stated["cond_embed_dim"],
+            stated["micro_cond_embed_dim"],
+        )
     elif "cond_embed_dim" in stated:
         values["cond_embed_dim"] = stated["cond_embed_dim"]
         values["micro_cond_embed_dim"] = cond_in - stated["cond_embed_dim"]
@@ -244,7 +313,9 @@ def uvit_config_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.T
         values["micro_cond_embed_dim"] = stated.get("micro_cond_embed_dim", defaults.micro_cond_embed_dim)
         values["cond_embed_dim"] = cond_in - values["micro_cond_embed_dim"]
     else:
-        raise CheckpointError(f"{where}: {cls} config lacks 'cond_embed_dim', which the weights cannot tell; add it to config.json")
+        raise CheckpointError(
+            f"{where}: {cls} config lacks 'cond_embed_dim', which the weights cannot tell; add it to config.json"
+        )
     if values["cond_embed_dim"] + values["micro_cond_embed_dim"] != cond_in:
         raise CheckpointError(
             f"{where} does not match its weights: cond_embed_dim {values['cond_embed_dim']} + micro_cond_embed_dim "
@@ -260,18 +331,26 @@ def uvit_config_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.T
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def vqgan_config_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.Tensor], where="config.json") -> VQGANConfig:
+def vqgan_config_from_open_muse(
+    config: Mapping, state_dict: Mapping[str, torch.Tensor], where="config.json"
+) -> VQGANConfig:
     """A VQGANConfig for a taming-style open-muse VQGANModel: every size from the tensor shapes, checked against
     the config. Taming's GroupNorm always has 32 groups; a config may state `norm_num_groups` otherwise (our
     extension, for small test models: the weights cannot tell the group count)."""
     cls = config.get("_class_name", "VQGANModel")
     if cls not in VQ_CLASSES:
-        raise CheckpointError(f"{where}: _class_name {cls!r} is not a taming-style open-muse VQ-GAN ({', '.join(VQ_CLASSES)})")
+        raise CheckpointError(
+            f"{where}: _class_name {cls!r} is not a taming-style open-muse VQ-GAN ({', '.join(VQ_CLASSES)})"
+        )
     attn = sorted(k for k in state_dict if ".attn" in k)
     if attn:
-        raise CheckpointError(f"{where}: attention blocks in the VQ-GAN ({attn[0]}, ...) are not part of aMUSEd's VQ-GAN and not supported")
+        raise CheckpointError(
+            f"{where}: attention blocks in the VQ-GAN ({attn[0]}, ...) are not part of aMUSEd's VQ-GAN and not supported"
+        )
     if not config.get("resample_with_conv", True):
-        raise CheckpointError(f"{where}: resample_with_conv=false is not supported (aMUSEd's VQ-GAN resamples with convs)")
+        raise CheckpointError(
+            f"{where}: resample_with_conv=false is not supported (aMUSEd's VQ-GAN resamples with convs)"
+        )
 
     def shape(key):
         if key not in state_dict:
@@ -298,7 +377,9 @@ def vqgan_config_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.
     if any(c % hidden for c in channels):
         raise CheckpointError(f"{where}: level widths {channels} are not multiples of hidden_channels {hidden}")
     stated = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in config.items()}
-    mismatched = [f"{k}={stated[k]!r} but the weights have {v!r}" for k, v in inferred.items() if k in stated and stated[k] != v]
+    mismatched = [
+        f"{k}={stated[k]!r} but the weights have {v!r}" for k, v in inferred.items() if k in stated and stated[k] != v
+    ]
     if mismatched:
         raise CheckpointError(f"{where} does not match its weights: " + "; ".join(mismatched))
     try:
@@ -319,7 +400,9 @@ def vqgan_config_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.
 # --- networks ------------------------------------------------------------------------------------------------------
 
 
-def uvit_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype=None, what="open-muse U-ViT") -> UViT:
+def uvit_from_open_muse(
+    config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype=None, what="open-muse U-ViT"
+) -> UViT:
     """An open-muse MaskGiTUViT(_v2) (config.json content + state dict) -> our UViT, every tensor checked."""
     cfg = uvit_config_from_open_muse(config, state_dict, where=what)
     with empty_modules():
@@ -327,7 +410,9 @@ def uvit_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.Tensor],
     return to_ours(model, OPEN_MUSE_UVIT_KEYMAP, join_geglu_halves(state_dict), what=what, dtype=dtype).eval()
 
 
-def vqgan_from_open_muse(config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype=None, what="open-muse VQ-GAN") -> VQGAN:
+def vqgan_from_open_muse(
+    config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype=None, what="open-muse VQ-GAN"
+) -> VQGAN:
     """A taming-style open-muse VQGANModel (config.json content + state dict) -> our VQGAN, every tensor checked."""
     cfg = vqgan_config_from_open_muse(config, state_dict, where=what)
     with empty_modules():
@@ -377,7 +462,9 @@ def _load_network(folder: Path, build: Callable, dtype, what: str):
         raise CheckpointError(f"{e} (config: {config_path})") from None
 
 
-def load_open_muse(folder: str | Path, dtype: torch.dtype | None = None, variant: str | None = None, progress=None) -> Components:
+def load_open_muse(
+    folder: str | Path, dtype: torch.dtype | None = None, variant: str | None = None, progress=None
+) -> Components:
     """An open-muse checkpoint folder (layout in the module docstring) -> our Components."""
     root = Path(folder)
     if variant:
@@ -388,12 +475,16 @@ def load_open_muse(folder: str | Path, dtype: torch.dtype | None = None, variant
     step("vqvae")
     vq_dir = next((root / n for n in VQ_FOLDERS if (root / n).is_dir()), None)
     if vq_dir is None:
-        raise CheckpointError(f"{root}: the VQ-GAN folder is missing (looked for {' or '.join(n + '/' for n in VQ_FOLDERS)})")
+        raise CheckpointError(
+            f"{root}: the VQ-GAN folder is missing (looked for {' or '.join(n + '/' for n in VQ_FOLDERS)})"
+        )
     vqvae = _load_network(vq_dir, vqgan_from_open_muse, dtype, "open-muse VQ-GAN")
     step("text_encoder")
     te_dir = root / "text_encoder"
     if not te_dir.is_dir():
-        raise CheckpointError(f"{root}: the text_encoder/ folder is missing (a transformers CLIPTextModelWithProjection)")
+        raise CheckpointError(
+            f"{root}: the text_encoder/ folder is missing (a transformers CLIPTextModelWithProjection)"
+        )
     te_weights = next((te_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (te_dir / n).is_file()), None)
     if te_weights is None:
         raise CheckpointError(f"{te_dir}: no weights file (looked for model.safetensors, pytorch_model.bin)")
@@ -401,4 +492,11 @@ def load_open_muse(folder: str | Path, dtype: torch.dtype | None = None, variant
     step("tokenizer")
     tokenizer = load_tokenizer(root / "tokenizer" if (root / "tokenizer").is_dir() else None)
     step("scheduler")
-    return Components(transformer, vqvae, text_encoder, tokenizer, default_scheduler_config(transformer.config.mask_token_id), source=str(root))
+    return Components(
+        transformer,
+        vqvae,
+        text_encoder,
+        tokenizer,
+        default_scheduler_config(transformer.config.mask_token_id),
+        source=str(root),
+    )

@@ -106,7 +106,9 @@ def load_ours(folder: str | Path, dtype: torch.dtype | None = None, progress=Non
     tokenizer = load_tokenizer(root / "tokenizer" if (root / "tokenizer").is_dir() else None)
     step("scheduler")
     sched_path = root / "scheduler" / "config.json"
-    scheduler = check_scheduler_config(read_json(sched_path, "scheduler config"), networks["transformer"].config, sched_path)
+    scheduler = check_scheduler_config(
+        read_json(sched_path, "scheduler config"), networks["transformer"].config, sched_path
+    )
     return Components(networks["transformer"], networks["vqvae"], text_encoder, tokenizer, scheduler, source=str(root))
 
 
@@ -119,12 +121,16 @@ def _declared_dtypes(index: dict, path: Path) -> dict[str, torch.dtype]:
     for name, value in declared.items():
         dtype = getattr(torch, value, None) if isinstance(value, str) else None
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise CheckpointError(f"{path}: dtype of {name} is {value!r}, not a float dtype name (float32, float16, bfloat16)")
+            raise CheckpointError(
+                f"{path}: dtype of {name} is {value!r}, not a float dtype name (float32, float16, bfloat16)"
+            )
         out[name] = dtype
     return out
 
 
-def load_network(folder: Path, model_cls, config_cls, dtype: torch.dtype | None = None, declared: torch.dtype | None = None):
+def load_network(
+    folder: Path, model_cls, config_cls, dtype: torch.dtype | None = None, declared: torch.dtype | None = None
+):
     """One of our networks from `folder/config.json` + `folder/model.safetensors`, built on the meta device;
     `declared` is the dtype muse.json says the weights are stored in."""
     config_path, weights = folder / "config.json", folder / WEIGHTS

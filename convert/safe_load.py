@@ -25,10 +25,21 @@ from .mapping import ConversionError
 
 # safetensors dtype tags -> bytes per element (the formats torch can read)
 _DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
@@ -91,7 +102,9 @@ def safetensors_header(path: str | Path) -> dict:
         for s in shape:
             numel *= int(s)
         if dtype not in _DTYPE_SIZES or stop - begin != numel * _DTYPE_SIZES[dtype] or begin < 0:
-            raise CheckpointError(f"{path}: corrupt safetensors file (tensor {name!r}: {dtype} {shape} at [{begin}, {stop}))")
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file (tensor {name!r}: {dtype} {shape} at [{begin}, {stop}))"
+            )
         end = max(end, stop)
     if end > data_size:
         raise CheckpointError(
@@ -117,11 +130,17 @@ def check_stored_dtype(tensors: Mapping[str, torch.Tensor], path: str | Path, de
     variant holding bfloat16 (or float32) tensors was mislabelled or its header rewritten."""
     if declared is None:
         return
-    wrong = [f"{k}: {str(t.dtype).removeprefix('torch.')}" for k, t in tensors.items() if t.is_floating_point() and t.dtype != declared]
+    wrong = [
+        f"{k}: {str(t.dtype).removeprefix('torch.')}"
+        for k, t in tensors.items()
+        if t.is_floating_point() and t.dtype != declared
+    ]
     if wrong:
         shown = ", ".join(wrong[:5]) + (f", ... ({len(wrong) - 5} more)" if len(wrong) > 5 else "")
         name = str(declared).removeprefix("torch.")
-        raise CheckpointError(f"{path}: declared {name}, but {len(wrong)} float tensor(s) are stored otherwise: {shown}")
+        raise CheckpointError(
+            f"{path}: declared {name}, but {len(wrong)} float tensor(s) are stored otherwise: {shown}"
+        )
 
 
 def read_pickled_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -163,7 +182,9 @@ def read_sharded_safetensors(index_path: str | Path) -> dict[str, torch.Tensor]:
         out.update(tensors)
     missing = sorted(k for k in weight_map if k not in out)
     if missing:
-        raise CheckpointError(f"{index_path}: {len(missing)} tensor(s) listed in the index are in no shard: {missing[:5]}")
+        raise CheckpointError(
+            f"{index_path}: {len(missing)} tensor(s) listed in the index are in no shard: {missing[:5]}"
+        )
     return out
 
 
@@ -183,5 +204,7 @@ def _as_state_dict(value, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(value).__name__}")
     bad = [k for k, v in value.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: expected a state dict (name -> tensor); entries that are not tensors: {bad[:5]}")
+        raise CheckpointError(
+            f"{path}: expected a state dict (name -> tensor); entries that are not tensors: {bad[:5]}"
+        )
     return dict(value)

@@ -30,13 +30,18 @@ TEXT_ENCODER_CLASS = "CLIPTextModelWithProjection"
 
 
 def text_encoder_from_state_dict(
-    config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, what: str = "text encoder"
+    config: Mapping,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    what: str = "text encoder",
 ) -> nn.Module:
     """A transformers `CLIPTextModelWithProjection` from its config dict and state dict, built on the meta device."""
     config = {k: v for k, v in dict(config).items() if k not in ("dtype", "torch_dtype")}
     archs = config.get("architectures") or [TEXT_ENCODER_CLASS]
     if TEXT_ENCODER_CLASS not in archs:
-        raise CheckpointError(f"{what}: config names {archs}, but aMUSEd needs a {TEXT_ENCODER_CLASS} (the projected pooled output)")
+        raise CheckpointError(
+            f"{what}: config names {archs}, but aMUSEd needs a {TEXT_ENCODER_CLASS} (the projected pooled output)"
+        )
     try:
         cfg = CLIPTextConfig(**config)
     except (TypeError, ValueError) as e:
@@ -65,12 +70,17 @@ def text_encoder_from_state_dict(
     bad_values = [p for k, v in persistent.items() if (p := value_problem(k, state_dict[k], v.dtype)) is not None]
     if bad_values:
         raise CheckpointError(str(value_error(what, bad_values)))
-    tensors = {k: (state_dict[k] if dtype is None or not state_dict[k].is_floating_point() else state_dict[k].to(dtype)) for k in persistent}
+    tensors = {
+        k: (state_dict[k] if dtype is None or not state_dict[k].is_floating_point() else state_dict[k].to(dtype))
+        for k in persistent
+    }
     model.load_state_dict(tensors, strict=True, assign=True)
     _rebuild_position_ids(model)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
-        raise CheckpointError(f"{what}: tensors left unset after loading (unsupported transformers version?): {leftover}")
+        raise CheckpointError(
+            f"{what}: tensors left unset after loading (unsupported transformers version?): {leftover}"
+        )
     return model.eval()
 
 
@@ -91,7 +101,9 @@ def _rebuild_position_ids(model: nn.Module) -> None:
             module.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
 
 
-def load_text_encoder(folder: str | Path, state_dict: Mapping[str, torch.Tensor], weights_path: Path, dtype=None) -> nn.Module:
+def load_text_encoder(
+    folder: str | Path, state_dict: Mapping[str, torch.Tensor], weights_path: Path, dtype=None
+) -> nn.Module:
     folder = Path(folder)
     config = read_json(folder / "config.json", "text encoder config")
     try:
@@ -145,7 +157,9 @@ def _amused_padding(tokenizer, folder):
         log.warning("%s: tokenizer pads with %r; aMUSEd pads with %r, using that", folder, tokenizer.pad_token, EOS)
         tokenizer.pad_token = EOS
     if tokenizer.model_max_length != MODEL_MAX_LENGTH:
-        log.warning("%s: tokenizer model_max_length %s, aMUSEd uses %d", folder, tokenizer.model_max_length, MODEL_MAX_LENGTH)
+        log.warning(
+            "%s: tokenizer model_max_length %s, aMUSEd uses %d", folder, tokenizer.model_max_length, MODEL_MAX_LENGTH
+        )
         tokenizer.model_max_length = MODEL_MAX_LENGTH
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     if eos_id != 49407:

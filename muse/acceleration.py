@@ -24,7 +24,9 @@ class CUDAGraphForward:
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.device}")
         self.forward = model.forward_prepared  # the eager method, bound before anyone patches it
-        self.graphs: dict[tuple, list] = {}  # key -> [graph, static ids, static conditioning tensors, output, the conditioning they hold]
+        self.graphs: dict[
+            tuple, list
+        ] = {}  # key -> [graph, static ids, static conditioning tensors, output, the conditioning they hold]
         self._cond = None  # the last conditioning seen, its tensors and their shapes
         self._leaves: list[torch.Tensor] = []
         self._spec = None

@@ -17,8 +17,8 @@ import io
 import os
 import shutil
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -110,7 +110,9 @@ def save_png_atomic(image, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def save_safetensors_atomic(tensors: Mapping, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+def save_safetensors_atomic(
+    tensors: Mapping, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
     with atomic_path(path) as tmp:
         save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
     return Path(path)

@@ -10,14 +10,13 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 
-ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[PIL.Image.Image]]
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image]
 
 MASK_MODES = ("L", "1", "RGB")  # PIL modes a mask may have (RGB is converted to luminance, as the reference)
 
@@ -87,7 +86,11 @@ def load_image(path: str | Path, mode: str | None = "RGB") -> PIL.Image.Image:
                 return im.convert(mode) if mode else im.copy()
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
         raise ValueError(f"{path}: refused to decode: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying unreadable (UnidentifiedImageError is an OSError)
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as e:  # PIL's ways of saying unreadable (UnidentifiedImageError is an OSError)
         raise ValueError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
 
 
@@ -112,7 +115,9 @@ def image_to_tensor(image: ImageInput, multiple_of: int) -> torch.Tensor:
                 raise ValueError(f"image mode is {im.mode!r}; an RGB image is needed (use image.convert('RGB'))")
         if len({im.size for im in items}) > 1:
             raise ValueError(f"images of a batch must have one size, got {sorted({im.size for im in items})}")
-        pixels = torch.from_numpy(np.stack([np.array(im).astype(np.float32) / 255.0 for im in items])).permute(0, 3, 1, 2)
+        pixels = torch.from_numpy(np.stack([np.array(im).astype(np.float32) / 255.0 for im in items])).permute(
+            0, 3, 1, 2
+        )
     elif len(items) == 1 and isinstance(items[0], np.ndarray):
         arr = items[0]
         if arr.ndim == 3:
@@ -127,7 +132,9 @@ def image_to_tensor(image: ImageInput, multiple_of: int) -> torch.Tensor:
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"an image tensor must be (3, H, W) or (B, 3, H, W), got shape {tuple(items[0].shape)}")
     else:
-        raise TypeError(f"image must be a PIL image, a list of them, a numpy array or a tensor; got {type(image).__name__}")
+        raise TypeError(
+            f"image must be a PIL image, a list of them, a numpy array or a tensor; got {type(image).__name__}"
+        )
     pixels = unit_range(pixels, "image")
     H, W = pixels.shape[-2:]
     if H % multiple_of or W % multiple_of:
@@ -144,7 +151,9 @@ def unit_range(values: torch.Tensor, what: str) -> torch.Tensor:
     if values.dtype == torch.uint8:
         return values.float() / 255.0
     if not values.is_floating_point():
-        raise ValueError(f"{what} arrays and tensors must be floats in [0, 1] or uint8 in [0, 255], got dtype {values.dtype}")
+        raise ValueError(
+            f"{what} arrays and tensors must be floats in [0, 1] or uint8 in [0, 255], got dtype {values.dtype}"
+        )
     values = values.float()
     if values.numel() and not bool(torch.isfinite(values).all()):
         raise ValueError(f"{what} values must be floats in [0, 1]; this one holds NaN or infinite values")
@@ -198,5 +207,7 @@ def mask_to_tensor(mask: ImageInput, size: tuple[int, int], grid: tuple[int, int
         pixels = pixels[:, None]  # (B, 1, H, W)
         tokens = F.interpolate(pixels, size=(h, w))  # nearest, as the reference
     else:
-        raise TypeError(f"mask_image must be a PIL image, a list of them, a numpy array or a tensor; got {type(mask).__name__}")
+        raise TypeError(
+            f"mask_image must be a PIL image, a list of them, a numpy array or a tensor; got {type(mask).__name__}"
+        )
     return (tokens[:, 0] >= 0.5), (pixels >= 0.5)

@@ -146,17 +146,24 @@ class SamplingOptions:
                 f"got {self.guidance_schedule!r}: {e}"
             ) from None
         if self.guidance_interval is not None:
-            self.guidance_interval = sampling.check_interval(self.guidance_interval, "guidance_interval", self.num_inference_steps)
+            self.guidance_interval = sampling.check_interval(
+                self.guidance_interval, "guidance_interval", self.num_inference_steps
+            )
         try:
             self.sampler = sampling.make_sampler(self.sampler)
         except TypeError as e:
             raise ValueError(f"sampler: {e}") from None
         self.sampler.check(self.num_inference_steps)
         if self.mask_count_base not in MASK_COUNT_BASES:
-            raise ValueError(f"mask_count_base must be one of {', '.join(MASK_COUNT_BASES)}, got {self.mask_count_base!r}")
+            raise ValueError(
+                f"mask_count_base must be one of {', '.join(MASK_COUNT_BASES)}, got {self.mask_count_base!r}"
+            )
         if self.masking_schedule is not None:
             self.masking_schedule = MaskingSchedule.parse(self.masking_schedule)
-        for a, b in (("prompt_embeds", "encoder_hidden_states"), ("negative_prompt_embeds", "negative_encoder_hidden_states")):
+        for a, b in (
+            ("prompt_embeds", "encoder_hidden_states"),
+            ("negative_prompt_embeds", "negative_encoder_hidden_states"),
+        ):
             if (getattr(self, a) is None) != (getattr(self, b) is None):
                 raise ValueError(f"pass both `{a}` and `{b}`, or neither")
         self._check_embeddings()
@@ -181,12 +188,19 @@ class SamplingOptions:
 
     def _check_embeddings(self) -> None:
         """Precomputed text conditioning: tensors of finite values (NaN would reach the token draw)."""
-        for name in ("prompt_embeds", "encoder_hidden_states", "negative_prompt_embeds", "negative_encoder_hidden_states"):
+        for name in (
+            "prompt_embeds",
+            "encoder_hidden_states",
+            "negative_prompt_embeds",
+            "negative_encoder_hidden_states",
+        ):
             value = getattr(self, name)
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                raise ValueError(f"{name} must be a float tensor, got {type(value).__name__} {getattr(value, 'dtype', '')}".rstrip())
+                raise ValueError(
+                    f"{name} must be a float tensor, got {type(value).__name__} {getattr(value, 'dtype', '')}".rstrip()
+                )
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{name} holds NaN or infinite values")
 
@@ -201,7 +215,9 @@ class SamplingOptions:
             except (TypeError, ValueError):
                 ok = False
             if not ok:
-                raise ValueError(f"sampling_temperature must be finite and > 0 (a number or a (start, end) pair), got {t!r}")
+                raise ValueError(
+                    f"sampling_temperature must be finite and > 0 (a number or a (start, end) pair), got {t!r}"
+                )
 
     @property
     def guided(self) -> bool:
@@ -373,7 +389,9 @@ class Pipeline:
         self._transformer_forward = torch.compile(self.transformer.forward_prepared, **compile_kwargs)
         return self
 
-    def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
+    def to(
+        self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None
+    ) -> "Pipeline":
         """Move (and cast) the three networks. As in diffusers, `pipe.to(torch.float16)` casts only."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
@@ -420,7 +438,9 @@ class Pipeline:
             neg = opts.negative_prompt
             negatives = [""] * n if neg is None else [neg] * n if isinstance(neg, str) else list(neg)
             if len(negatives) != n:
-                raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts; pass one per prompt or a single one")
+                raise ValueError(
+                    f"got {len(negatives)} negative prompts for {n} prompts; pass one per prompt or a single one"
+                )
             negative = encode_text(self.tokenizer, self.text_encoder, negatives)
         if len(negative) != n:
             raise ValueError(f"negative embeddings have {len(negative)} rows but there are {n} prompts")
@@ -505,10 +525,14 @@ class Pipeline:
         pixels, tokens = self._encode_image(image, len(cond), opts)
         token_mask, pixel_mask = mask_to_tensor(mask_image, tuple(pixels.shape[-2:]), tuple(tokens.shape[-2:]))
         if token_mask.shape[0] not in (1, tokens.shape[0]):
-            raise ValueError(f"got {token_mask.shape[0]} masks for {tokens.shape[0]} images; pass one mask or one per image")
+            raise ValueError(
+                f"got {token_mask.shape[0]} masks for {tokens.shape[0]} images; pass one mask or one per image"
+            )
         token_mask = token_mask.to(tokens.device).expand_as(tokens)
         if not token_mask.any():
-            raise ValueError("mask_image masks no token (no area at or above 0.5 at the token grid): nothing to repaint")
+            raise ValueError(
+                "mask_image masks no token (no area at or above 0.5 at the token grid): nothing to repaint"
+            )
         tokens = torch.where(token_mask, self.mask_token_id, tokens)
         masked_fraction = token_mask.sum() / tokens.numel()  # over the whole batch, as the reference
         tokens = tokens.repeat(opts.num_images_per_prompt, 1, 1)
@@ -562,7 +586,9 @@ class Pipeline:
             pixels, tokens = pixels.expand(prompts, -1, -1, -1), tokens.expand(prompts, -1, -1).clone()
         return pixels, tokens
 
-    def _generate(self, start: _Start, cond: TextConditioning, size: tuple[int, int], opts: SamplingOptions, return_pixels=False):
+    def _generate(
+        self, start: _Start, cond: TextConditioning, size: tuple[int, int], opts: SamplingOptions, return_pixels=False
+    ):
         """Decode from `start` and format the output (or return pixels (B, 3, H, W) in [0, 1] when `return_pixels`)."""
         tokens = self._decode(start, cond, size, opts)
         if opts.output_type == "latent" and not return_pixels:
@@ -576,7 +602,9 @@ class Pipeline:
         images = to_numpy(pixels)
         return images.view(ImageArray) if output_type == "np" else to_pil(images)
 
-    def _decode(self, start: _Start, cond: TextConditioning, size: tuple[int, int], opts: SamplingOptions) -> torch.Tensor:
+    def _decode(
+        self, start: _Start, cond: TextConditioning, size: tuple[int, int], opts: SamplingOptions
+    ) -> torch.Tensor:
         """The decoding loop: tokens (B, h, w) -> fully decoded tokens (B, h, w). A guided step runs the U-ViT on 2B
         rows ([unconditional; conditional]); a step outside `guidance_interval` (or any step without guidance) on the
         B conditional rows."""
@@ -593,7 +621,9 @@ class Pipeline:
             device=device,
             dtype=cond.encoder_hidden_states.dtype,
         )[None].expand(len(cond), -1)  # (rows, 5), the same row for every sample
-        self.transformer.check_inputs(tokens.repeat(len(cond) // B, 1, 1), cond.encoder_hidden_states, cond.prompt_embeds, micro)
+        self.transformer.check_inputs(
+            tokens.repeat(len(cond) // B, 1, 1), cond.encoder_hidden_states, cond.prompt_embeds, micro
+        )
         # what the U-ViT derives from the text alone (modulations, cross-attention keys and values), once per call
         prepared = self.transformer.prepare(cond.encoder_hidden_states, cond.prompt_embeds, micro)
         forward = self.transformer.forward_prepared if self._transformer_forward is None else self._transformer_forward
@@ -608,7 +638,9 @@ class Pipeline:
             ratio = 1.0 / sampling.mask_ratio(start.schedule, start.first_step - 1, N, device=device)
         steps = range(start.first_step, N)
         # steps outside the guidance interval run the conditional rows [B:] only, with their slice of `prepared`
-        conditional = _rows(prepared, slice(B, None)) if any(opts.guided and not opts.guided_at(i) for i in steps) else None
+        conditional = (
+            _rows(prepared, slice(B, None)) if any(opts.guided and not opts.guided_at(i) for i in steps) else None
+        )
         sampler = opts.sampler
         state = sampler.start(tokens.reshape(B, h * w), (h, w), self.mask_token_id, opts.generator)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -67,7 +66,7 @@ class MaskingSchedule:
         return 1 - r**self.exponent
 
 
-ScheduleLike = Union[str, MaskingSchedule]
+ScheduleLike = str | MaskingSchedule
 
 
 def progress(step: int, num_steps: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -15,13 +15,12 @@ as a batch of one with that generator.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 
 from .schedules import ScheduleLike, mask_ratio, tokens_to_mask
 
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def _per_sample(generator: Generators, batch: int) -> list[torch.Generator] | None:
@@ -159,5 +158,7 @@ def random_mask(
         device = tokens.device if generator is None else generator.device
         u = torch.rand(tokens.shape, device=device, generator=generator).to(tokens.device)
     else:
-        u = torch.cat([torch.rand((1, *tokens.shape[1:]), device=g.device, generator=g).to(tokens.device) for g in generators])
+        u = torch.cat(
+            [torch.rand((1, *tokens.shape[1:]), device=g.device, generator=g).to(tokens.device) for g in generators]
+        )
     return torch.where(u < ratio, mask_token_id, tokens)

@@ -21,7 +21,9 @@ from vqgan import VQGANConfig
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 # Published text tower (CLIP ViT-L/14) and a tiny one of the same layout.
-CLIP_FULL = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+CLIP_FULL = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
+)
 CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
 
 KINDS = ("tiny-256", "tiny-512", "full-256", "full-512")
@@ -81,8 +83,14 @@ def reference_text_encoder(kind: str, seed: int = 2):
 
     dims = CLIP_FULL if kind.startswith("full") else CLIP_TINY
     cfg = CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, **dims,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        **dims,
     )
     torch.manual_seed(seed)
     return CLIPTextModelWithProjection(cfg).eval()
@@ -180,8 +188,14 @@ def run_reference(pipe, seed: int, **kwargs):
 def run_ours(call, seed: int, *args, **kwargs):
     """One of our pipeline calls (the pipeline itself, or its img2img / inpaint) -> (final tokens, float arrays)."""
     cb = LastTokens()
-    images = call(*args, generator=torch.Generator().manual_seed(seed), output_type="np", callback=cb,
-                  progress_bar=False, **kwargs)
+    images = call(
+        *args,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        callback=cb,
+        progress_bar=False,
+        **kwargs,
+    )
     return cb.tokens, images
 
 

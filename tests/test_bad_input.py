@@ -88,64 +88,200 @@ def _a_file(tmp: Path) -> Path:
 
 # case -> (extra flags built from tmp, message substring); every case: exit 2, one line, nothing written
 TRAIN_CASES = {
-    "zero steps": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "0"],
-                   "max_train_steps must be >= 1, got 0"),
+    "zero steps": (
+        lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "0"],
+        "max_train_steps must be >= 1, got 0",
+    ),
     "no step count": (lambda t: ["--instance_data_dir", str(_images(t))], "--max_train_steps is required"),
     "no data source": (lambda t: ["--max_train_steps", "1"], "give exactly one of --instance_data_dir"),
-    "two data sources": (lambda t: ["--instance_data_dir", str(_images(t)), "--instance_data_image", "x.png",
-                                    "--max_train_steps", "1"], "give exactly one of"),
-    "data folder missing": (lambda t: ["--instance_data_dir", str(t / "nowhere"), "--max_train_steps", "1"], "is not a folder"),
-    "empty data folder": (lambda t: ["--instance_data_dir", str(_empty(t)), "--max_train_steps", "1"], "no image files"),
-    "all images corrupt": (lambda t: ["--instance_data_dir", str(_corrupt(t)), "--max_train_steps", "1"],
-                           "none of the 2 images"),
-    "output_dir is a file": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1",
-                                        "--output_dir", str(_a_file(t))], "is a file, not a folder"),
-    "output_dir under a file": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1",
-                                           "--output_dir", str(_a_file(t) / "run")], "is a file"),
-    "output_dir is the base model": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1",
-                                                "--pretrained_model_name_or_path", str(_base_folder(t)),
-                                                "--output_dir", str(_base_folder(t))], "is the base model's folder"),
-    "output_dir inside the base model": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1",
-                                                    "--pretrained_model_name_or_path", str(_base_folder(t)),
-                                                    "--output_dir", str(_base_folder(t) / "lora")], "is inside the base model's folder"),
-    "metadata line not JSON": (lambda t: ["--instance_data_dir", str(_folder_with(
-        t, "metadata.jsonl", '{"file_name": "a red cube.png", "text": "x"}\n{"file_name": "a blue\n')), "--max_train_steps", "1"],
-        "metadata.jsonl:2: not valid JSON"),
-    "metadata row names no image": (lambda t: ["--instance_data_dir", str(_folder_with(
-        t, "metadata.jsonl", '{"file_name": "a red cube.png", "text": "x"}\n{"file_name": "nope.png", "text": "y"}\n')),
-        "--max_train_steps", "1"], "metadata.jsonl:2: file_name 'nope.png' matches no image"),
-    "metadata caption null": (lambda t: ["--instance_data_dir", str(_folder_with(
-        t, "metadata.jsonl", '{"file_name": "a red cube.png", "text": null}\n')), "--max_train_steps", "1"],
-        "metadata.jsonl:1: the caption 'text' must be a string, got None"),
-    "metadata caption a number": (lambda t: ["--instance_data_dir", str(_folder_with(
-        t, "metadata.jsonl", '{"file_name": "a red cube.png", "text": 7}\n')), "--max_train_steps", "1"],
-        "must be a string, got 7"),
-    "metadata twice for one image": (lambda t: ["--instance_data_dir", str(_folder_with(
-        t, "metadata.jsonl", '{"file_name": "a red cube.png", "text": "a"}\n{"file_name": "a red cube.png", "text": "b"}\n')),
-        "--max_train_steps", "1"], "metadata.jsonl:2: a second row for 'a red cube.png' (the first is on line 1)"),
-    "csv unterminated quote": (lambda t: ["--instance_data_dir", str(_folder_with(
-        t, "metadata.csv", 'file_name,text\n"a red cube.png,a cube\na blue ball.png,a ball\n')), "--max_train_steps", "1"],
-        "metadata.csv:2: cannot parse the CSV row"),
-    "csv row with a missing field": (lambda t: ["--instance_data_dir", str(_folder_with(
-        t, "metadata.csv", 'file_name,text\na red cube.png\n')), "--max_train_steps", "1"],
-        "metadata.csv:2: 1 field(s), the header has 2"),
-    "metadata file missing": (lambda t: ["--instance_data_dir", str(_images(t)), "--instance_data_metadata",
-                                         str(t / "captions.jsonl"), "--max_train_steps", "1"], "captions.jsonl does not exist"),
-    "learning rate nan": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1",
-                                     "--learning_rate", "nan"], "learning_rate must be a finite number, got nan"),
-    "lora alpha inf": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1", "--use_lora",
-                                  "--lora_alpha", "inf"], "lora_alpha must be a finite number"),
-    "lora rank zero": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1", "--use_lora",
-                                  "--lora_r", "0"], "lora_r must be >= 1, got 0"),
-    "device not a device": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1",
-                                       "--device", "gpu"], "--device 'gpu' is not a device"),
-    "base model missing": (lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1",
-                                      "--pretrained_model_name_or_path", str(t / "no" / "model")], "no such folder"),
+    "two data sources": (
+        lambda t: ["--instance_data_dir", str(_images(t)), "--instance_data_image", "x.png", "--max_train_steps", "1"],
+        "give exactly one of",
+    ),
+    "data folder missing": (
+        lambda t: ["--instance_data_dir", str(t / "nowhere"), "--max_train_steps", "1"],
+        "is not a folder",
+    ),
+    "empty data folder": (
+        lambda t: ["--instance_data_dir", str(_empty(t)), "--max_train_steps", "1"],
+        "no image files",
+    ),
+    "all images corrupt": (
+        lambda t: ["--instance_data_dir", str(_corrupt(t)), "--max_train_steps", "1"],
+        "none of the 2 images",
+    ),
+    "output_dir is a file": (
+        lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1", "--output_dir", str(_a_file(t))],
+        "is a file, not a folder",
+    ),
+    "output_dir under a file": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_images(t)),
+            "--max_train_steps",
+            "1",
+            "--output_dir",
+            str(_a_file(t) / "run"),
+        ],
+        "is a file",
+    ),
+    "output_dir is the base model": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_images(t)),
+            "--max_train_steps",
+            "1",
+            "--pretrained_model_name_or_path",
+            str(_base_folder(t)),
+            "--output_dir",
+            str(_base_folder(t)),
+        ],
+        "is the base model's folder",
+    ),
+    "output_dir inside the base model": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_images(t)),
+            "--max_train_steps",
+            "1",
+            "--pretrained_model_name_or_path",
+            str(_base_folder(t)),
+            "--output_dir",
+            str(_base_folder(t) / "lora"),
+        ],
+        "is inside the base model's folder",
+    ),
+    "metadata line not JSON": (
+        lambda t: [
+            "--instance_data_dir",
+            str(
+                _folder_with(
+                    t, "metadata.jsonl", '{"file_name": "a red cube.png", "text": "x"}\n{"file_name": "a blue\n'
+                )
+            ),
+            "--max_train_steps",
+            "1",
+        ],
+        "metadata.jsonl:2: not valid JSON",
+    ),
+    "metadata row names no image": (
+        lambda t: [
+            "--instance_data_dir",
+            str(
+                _folder_with(
+                    t,
+                    "metadata.jsonl",
+                    '{"file_name": "a red cube.png", "text": "x"}\n{"file_name": "nope.png", "text": "y"}\n',
+                )
+            ),
+            "--max_train_steps",
+            "1",
+        ],
+        "metadata.jsonl:2: file_name 'nope.png' matches no image",
+    ),
+    "metadata caption null": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_folder_with(t, "metadata.jsonl", '{"file_name": "a red cube.png", "text": null}\n')),
+            "--max_train_steps",
+            "1",
+        ],
+        "metadata.jsonl:1: the caption 'text' must be a string, got None",
+    ),
+    "metadata caption a number": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_folder_with(t, "metadata.jsonl", '{"file_name": "a red cube.png", "text": 7}\n')),
+            "--max_train_steps",
+            "1",
+        ],
+        "must be a string, got 7",
+    ),
+    "metadata twice for one image": (
+        lambda t: [
+            "--instance_data_dir",
+            str(
+                _folder_with(
+                    t,
+                    "metadata.jsonl",
+                    '{"file_name": "a red cube.png", "text": "a"}\n{"file_name": "a red cube.png", "text": "b"}\n',
+                )
+            ),
+            "--max_train_steps",
+            "1",
+        ],
+        "metadata.jsonl:2: a second row for 'a red cube.png' (the first is on line 1)",
+    ),
+    "csv unterminated quote": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_folder_with(t, "metadata.csv", 'file_name,text\n"a red cube.png,a cube\na blue ball.png,a ball\n')),
+            "--max_train_steps",
+            "1",
+        ],
+        "metadata.csv:2: cannot parse the CSV row",
+    ),
+    "csv row with a missing field": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_folder_with(t, "metadata.csv", "file_name,text\na red cube.png\n")),
+            "--max_train_steps",
+            "1",
+        ],
+        "metadata.csv:2: 1 field(s), the header has 2",
+    ),
+    "metadata file missing": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_images(t)),
+            "--instance_data_metadata",
+            str(t / "captions.jsonl"),
+            "--max_train_steps",
+            "1",
+        ],
+        "captions.jsonl does not exist",
+    ),
+    "learning rate nan": (
+        lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1", "--learning_rate", "nan"],
+        "learning_rate must be a finite number, got nan",
+    ),
+    "lora alpha inf": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_images(t)),
+            "--max_train_steps",
+            "1",
+            "--use_lora",
+            "--lora_alpha",
+            "inf",
+        ],
+        "lora_alpha must be a finite number",
+    ),
+    "lora rank zero": (
+        lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1", "--use_lora", "--lora_r", "0"],
+        "lora_r must be >= 1, got 0",
+    ),
+    "device not a device": (
+        lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1", "--device", "gpu"],
+        "--device 'gpu' is not a device",
+    ),
+    "base model missing": (
+        lambda t: [
+            "--instance_data_dir",
+            str(_images(t)),
+            "--max_train_steps",
+            "1",
+            "--pretrained_model_name_or_path",
+            str(t / "no" / "model"),
+        ],
+        "no such folder",
+    ),
 }
 if not torch.cuda.is_available():
     TRAIN_CASES["device cuda without a GPU"] = (
         lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1", "--device", "cuda"],
-        "--device cuda: no CUDA GPU is available")
+        "--device cuda: no CUDA GPU is available",
+    )
 
 
 def run_train(argv: list[str], capsys) -> tuple[int, str]:
@@ -159,7 +295,13 @@ def run_train(argv: list[str], capsys) -> tuple[int, str]:
 def test_train_refuses_bad_input_in_one_line(case, tmp_path, capsys):
     build, message = TRAIN_CASES[case]
     extra = build(tmp_path)
-    argv = ["--pretrained_model_name_or_path", str(tmp_path / "unused-model"), "--output_dir", str(tmp_path / "run"), *extra]
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "unused-model"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        *extra,
+    ]
     before = {p.name: tree(p) for p in tmp_path.iterdir()}
     code, err = run_train(argv, capsys)
     assert code == 2, err
@@ -174,7 +316,14 @@ def test_train_refuses_bad_input_in_one_line(case, tmp_path, capsys):
 def test_train_debug_flag_and_env_show_the_traceback(tmp_path, capsys, monkeypatch):
     from train.cli import main
 
-    argv = ["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(_images(tmp_path)), "--max_train_steps", "0"]
+    argv = [
+        "--pretrained_model_name_or_path",
+        "x",
+        "--instance_data_dir",
+        str(_images(tmp_path)),
+        "--max_train_steps",
+        "0",
+    ]
     with pytest.raises(ValueError, match="max_train_steps must be >= 1"):
         main(argv + ["--debug"])
     monkeypatch.setenv("MUSE_DEBUG", "1")
@@ -185,11 +334,28 @@ def test_train_debug_flag_and_env_show_the_traceback(tmp_path, capsys, monkeypat
 def test_python_dash_m_train_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("MUSE_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "train", "--pretrained_model_name_or_path", "x", "--max_train_steps", "1",
-                           "--output_dir", str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--pretrained_model_name_or_path",
+            "x",
+            "--max_train_steps",
+            "1",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: give exactly one of --instance_data_dir, --instance_data_image, --instance_data_dataset (got none)"]
+        "error: give exactly one of --instance_data_dir, --instance_data_image, --instance_data_dataset (got none)"
+    ]
     assert not (tmp_path / "run").exists()
 
 
@@ -199,8 +365,19 @@ def test_train_refuses_a_read_only_output_dir(tmp_path, capsys):
     out.mkdir()
     out.chmod(0o555)
     try:
-        code, err = run_train(["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(_images(tmp_path)),
-                               "--max_train_steps", "1", "--output_dir", str(out)], capsys)
+        code, err = run_train(
+            [
+                "--pretrained_model_name_or_path",
+                "x",
+                "--instance_data_dir",
+                str(_images(tmp_path)),
+                "--max_train_steps",
+                "1",
+                "--output_dir",
+                str(out),
+            ],
+            capsys,
+        )
     finally:
         out.chmod(0o755)
     assert code == 2 and "--output_dir: cannot write into" in err and list(out.iterdir()) == []
@@ -209,9 +386,19 @@ def test_train_refuses_a_read_only_output_dir(tmp_path, capsys):
 def test_skipping_bad_metadata_rows_is_explicit_and_counted(tmp_path):
     from train.data import ImageFolderSource
 
-    folder = _folder_with(tmp_path, "metadata.jsonl", "\n".join([
-        '{"file_name": "a red cube.png", "text": "a cube"}', '{"file_name": "gone.png", "text": "x"}', "not json",
-        '{"file_name": "a blue ball.png", "text": null}']) + "\n")
+    folder = _folder_with(
+        tmp_path,
+        "metadata.jsonl",
+        "\n".join(
+            [
+                '{"file_name": "a red cube.png", "text": "a cube"}',
+                '{"file_name": "gone.png", "text": "x"}',
+                "not json",
+                '{"file_name": "a blue ball.png", "text": null}',
+            ]
+        )
+        + "\n",
+    )
     src = ImageFolderSource(folder, skip_invalid_metadata=True)
     assert len(src.metadata_skipped) == 3
     assert [s.split(": ")[0].rsplit(":", 1)[1] for s in src.metadata_skipped] == ["2", "3", "4"]  # the line numbers
@@ -233,7 +420,10 @@ MISMATCHES = {
     "8-bit Adam": (dict(use_8bit_adam=True), "use_8bit_adam: False -> True"),
     "mixed precision (grad scaler)": (dict(mixed_precision="fp16"), "mixed_precision: 'no' -> 'fp16'"),
     "EMA": (dict(use_ema=True), "use_ema: False -> True"),
-    "text encoder LoRA": (dict(train_text_encoder=True, text_encoder_use_lora=True), "train_text_encoder: False -> True"),
+    "text encoder LoRA": (
+        dict(train_text_encoder=True, text_encoder_use_lora=True),
+        "train_text_encoder: False -> True",
+    ),
     "two at once": (dict(lora_r=2, use_ema=True), "lora_r: 4 -> 2; use_ema: False -> True"),
 }
 
@@ -263,7 +453,9 @@ def test_resume_with_settings_that_shape_the_state_is_refused(case, lora_run, to
         train(cfg, tiny_components(tokenizer))
     assert listed in str(info.value)
     after = tree(work / "out")
-    assert {k: v for k, v in after.items() if not k.startswith("logs")} == {k: v for k, v in before.items() if not k.startswith("logs")}
+    assert {k: v for k, v in after.items() if not k.startswith("logs")} == {
+        k: v for k, v in before.items() if not k.startswith("logs")
+    }
 
 
 def test_resume_with_another_base_model_is_refused(lora_run, tokenizer, tmp_path):
@@ -281,13 +473,30 @@ def test_resume_with_another_base_model_is_refused(lora_run, tokenizer, tmp_path
 def test_resume_mismatch_from_the_command_line_is_one_line(published_dirs, tmp_path, capsys):
     base = str(published_dirs("tiny-256"))
     images = _images(tmp_path)
-    common = ["--pretrained_model_name_or_path", base, "--instance_data_dir", str(images), "--resolution", "32",
-              "--train_batch_size", "1", "--output_dir", str(tmp_path / "run"), "--device", "cpu", "--use_lora",
-              "--lora_r", "4", "--checkpointing_steps", "1"]
+    common = [
+        "--pretrained_model_name_or_path",
+        base,
+        "--instance_data_dir",
+        str(images),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "1",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--use_lora",
+        "--lora_r",
+        "4",
+        "--checkpointing_steps",
+        "1",
+    ]
     assert run_train(common + ["--max_train_steps", "1"], capsys)[0] == 0
     saved = tree(tmp_path / "run" / "checkpoint-1")
-    code, err = run_train(common + ["--max_train_steps", "2", "--resume_from", "latest", "--lora_r", "8",
-                                    "--use_8bit_adam"], capsys)
+    code, err = run_train(
+        common + ["--max_train_steps", "2", "--resume_from", "latest", "--lora_r", "8", "--use_8bit_adam"], capsys
+    )
     assert code == 2
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: cannot resume") and "lora_r: 4 -> 8; use_8bit_adam: False -> True" in line
@@ -301,8 +510,10 @@ def test_resume_with_a_new_learning_rate_keeps_training_the_same_tensors(lora_ru
 
     run, images = lora_run
     shutil.copytree(run / "out", tmp_path / "out")
-    train(config(tmp_path, images, max_train_steps=4, resume_from_checkpoint="latest", **{**LORA, "learning_rate": 5e-3}),
-          tiny_components(tokenizer))
+    train(
+        config(tmp_path, images, max_train_steps=4, resume_from_checkpoint="latest", **{**LORA, "learning_rate": 5e-3}),
+        tiny_components(tokenizer),
+    )
     out = tmp_path / "out"
     saved = {step: load_file(str(out / f"checkpoint-{step}" / "model.safetensors")) for step in (2, 3, 4)}
     assert saved[2].keys() == saved[3].keys() == saved[4].keys()
@@ -322,8 +533,10 @@ def test_resumed_optimizer_uses_this_runs_betas(lora_run, tokenizer, tmp_path):
 
     run, images = lora_run
     shutil.copytree(run / "out", tmp_path / "out")
-    train(config(tmp_path, images, max_train_steps=3, resume_from_checkpoint="latest", adam_beta2=0.9, **LORA),
-          tiny_components(tokenizer))
+    train(
+        config(tmp_path, images, max_train_steps=3, resume_from_checkpoint="latest", adam_beta2=0.9, **LORA),
+        tiny_components(tokenizer),
+    )
     state = torch.load(tmp_path / "out" / "checkpoint-3" / "optimizer.pt", weights_only=True)
     assert {tuple(g["betas"]) for g in state["param_groups"]} == {(0.9, 0.9)}
 
@@ -370,23 +583,36 @@ def _config_field(value):
         cfg = json.loads(path.read_text())
         cfg["num_hidden_layers"] = value
         path.write_text(json.dumps(cfg))
+
     return edit
 
 
 CONVERT_CASES = {
     "F32 header rewritten as I32": (
         lambda f: _relabel_dtype(f / "transformer" / "diffusion_pytorch_model.safetensors", "F32", "I32"),
-        [], "stored as int32, not a float type"),
+        [],
+        "stored as int32, not a float type",
+    ),
     "text encoder F32 as I32": (
         lambda f: _relabel_dtype(f / "text_encoder" / "model.safetensors", "F32", "I32"),
-        [], "model.safetensors: 1 tensor(s) cannot be weights"),
-    "NaN weight": (lambda f: _poison_first_tensor(f / "vqvae" / "diffusion_pytorch_model.safetensors", math.nan),
-                   [], "values are NaN or infinite"),
-    "inf weight": (lambda f: _poison_first_tensor(f / "transformer" / "diffusion_pytorch_model.safetensors", math.inf),
-                   [], "values are NaN or infinite"),
+        [],
+        "model.safetensors: 1 tensor(s) cannot be weights",
+    ),
+    "NaN weight": (
+        lambda f: _poison_first_tensor(f / "vqvae" / "diffusion_pytorch_model.safetensors", math.nan),
+        [],
+        "values are NaN or infinite",
+    ),
+    "inf weight": (
+        lambda f: _poison_first_tensor(f / "transformer" / "diffusion_pytorch_model.safetensors", math.inf),
+        [],
+        "values are NaN or infinite",
+    ),
     "fp16 variant holding bfloat16": (
         lambda f: _relabel_dtype(f / "transformer" / "diffusion_pytorch_model.fp16.safetensors", "F16", "BF16"),
-        ["--variant", "fp16"], "declared float16, but 1 float tensor(s) are stored otherwise"),
+        ["--variant", "fp16"],
+        "declared float16, but 1 float tensor(s) are stored otherwise",
+    ),
     "config field a string": (_config_field("four"), [], "num_hidden_layers must be an integer, got 'four'"),
     "config field zero": (_config_field(0), [], "num_hidden_layers must be >= 1"),
 }
@@ -417,7 +643,11 @@ def test_convert_refuses_to_write_over_its_source(published, capsys):
     from convert.__main__ import main
 
     before = tree(published)
-    for dst, message in ((published, "is SRC"), (published / "transformer", "is inside SRC"), (published.parent, "holds SRC")):
+    for dst, message in (
+        (published, "is SRC"),
+        (published / "transformer", "is inside SRC"),
+        (published.parent, "holds SRC"),
+    ):
         assert main([str(published), str(dst), "--overwrite"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: DST") and message in err[0]
@@ -461,7 +691,10 @@ def test_sampling_defaults_of_the_wrong_type_name_the_model(published, tmp_path)
     assert main([str(published), str(ours)]) == 0
     path = ours / "scheduler" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "sampling_defaults": {"guidance_scale": "high"}}))
-    with pytest.raises(ValueError, match=rf"{ours}: its scheduler config's sampling_defaults are invalid: guidance_scale must be a number, got 'high'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{ours}: its scheduler config's sampling_defaults are invalid: guidance_scale must be a number, got 'high'",
+    ):
         Pipeline.from_pretrained(str(ours))
 
 
@@ -488,15 +721,21 @@ OPTION_CASES = {
     "guidance nan": (dict(guidance_scale=NAN), "guidance_scale must be finite, got nan"),
     "guidance inf": (dict(guidance_scale=INF), "guidance_scale must be finite, got inf"),
     "guidance a string": (dict(guidance_scale="high"), "guidance_scale must be a number, got 'high'"),
-    "aesthetic score nan": (dict(micro_conditioning_aesthetic_score=NAN), "micro_conditioning_aesthetic_score must be finite"),
+    "aesthetic score nan": (
+        dict(micro_conditioning_aesthetic_score=NAN),
+        "micro_conditioning_aesthetic_score must be finite",
+    ),
     "crop nan": (dict(micro_conditioning_crop_coord=(NAN, 0)), "micro_conditioning_crop_coord must be finite"),
     "sampling temperature inf": (dict(sampling_temperature=INF), "sampling_temperature must be finite"),
     "steps a bool": (dict(num_inference_steps=True), "num_inference_steps must be an integer >= 1, got True"),
-    "prompt embeddings NaN": (dict(prompt=None, prompt_embeds=torch.full((1, 32), NAN),
-                                   encoder_hidden_states=torch.zeros(1, 77, 32)), "prompt_embeds holds NaN or infinite values"),
-    "negative hidden states inf": (dict(negative_prompt_embeds=torch.zeros(1, 32),
-                                        negative_encoder_hidden_states=torch.full((1, 77, 32), INF)),
-                                   "negative_encoder_hidden_states holds NaN or infinite"),
+    "prompt embeddings NaN": (
+        dict(prompt=None, prompt_embeds=torch.full((1, 32), NAN), encoder_hidden_states=torch.zeros(1, 77, 32)),
+        "prompt_embeds holds NaN or infinite values",
+    ),
+    "negative hidden states inf": (
+        dict(negative_prompt_embeds=torch.zeros(1, 32), negative_encoder_hidden_states=torch.full((1, 77, 32), INF)),
+        "negative_encoder_hidden_states holds NaN or infinite",
+    ),
     "height zero": (dict(height=0), "height must be a positive number of pixels, got 0"),
     "width negative": (dict(width=-32), "width must be a positive number of pixels, got -32"),
 }
@@ -514,7 +753,9 @@ def test_non_finite_sampling_defaults_are_refused_at_construction(pipe):
     from muse import Pipeline
 
     with pytest.raises(ValueError, match="sampling_defaults are invalid: temperature must be finite"):
-        Pipeline(pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.tokenizer, sampling_defaults={"temperature": [NAN, 0]})
+        Pipeline(
+            pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.tokenizer, sampling_defaults={"temperature": [NAN, 0]}
+        )
 
 
 def test_non_finite_logits_raise_and_name_the_likely_cause(pipe):
@@ -525,7 +766,9 @@ def test_non_finite_logits_raise_and_name_the_likely_cause(pipe):
     with torch.no_grad():
         weight.fill_(NAN)
     try:
-        with pytest.raises(NonFiniteLogitsError, match="logits became NaN or infinite .*step 1 of 3.*weights or the inputs"):
+        with pytest.raises(
+            NonFiniteLogitsError, match="logits became NaN or infinite .*step 1 of 3.*weights or the inputs"
+        ):
             pipe("a cat", num_inference_steps=3, progress_bar=False, generator=torch.Generator().manual_seed(0))
     finally:
         with torch.no_grad():
@@ -535,13 +778,24 @@ def test_non_finite_logits_raise_and_name_the_likely_cause(pipe):
 def test_finite_logits_pass_unchanged(pipe):
     """The logits screen changes nothing for a healthy model: same seed, same image as before it existed would give
     (checked here as: same tokens twice, and every token a code)."""
-    out = [pipe("a cat", num_inference_steps=3, output_type="latent", progress_bar=False,
-                generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    out = [
+        pipe(
+            "a cat",
+            num_inference_steps=3,
+            output_type="latent",
+            progress_bar=False,
+            generator=torch.Generator().manual_seed(1),
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(out[0], out[1]) and int(out[0].max()) < pipe.transformer.config.codebook_size
 
 
 PIXEL_CASES = {
-    "0-255 floats": (lambda: np.asarray(picture(), np.float32), r"floats in \[0, 1\], got values in \[\d+, \d+\] \(0-255 values\? divide by 255"),
+    "0-255 floats": (
+        lambda: np.asarray(picture(), np.float32),
+        r"floats in \[0, 1\], got values in \[\d+, \d+\] \(0-255 values\? divide by 255",
+    ),
     "negative floats": (lambda: np.asarray(picture(), np.float32) / 255 - 0.5, r"got values in \[-0.5"),
     "NaN pixels": (lambda: np.full((32, 32, 3), NAN, np.float32), "holds NaN or infinite values"),
     "float tensor above 1": (lambda: torch.full((3, 32, 32), 1.5), r"got values in \[1.5, 1.5\]"),
@@ -558,10 +812,13 @@ def test_pixels_outside_the_unit_range_are_refused(case, method, pipe):
         getattr(pipe, method)("a cat", image(), num_inference_steps=2, progress_bar=False, **extra)
 
 
-@pytest.mark.parametrize("mask, message", [
-    (np.full((32, 32), 255.0, np.float32), r"mask values must be floats in \[0, 1\], got values in \[255, 255\]"),
-    (np.full((32, 32), NAN, np.float32), "mask values must be floats in"),
-])
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (np.full((32, 32), 255.0, np.float32), r"mask values must be floats in \[0, 1\], got values in \[255, 255\]"),
+        (np.full((32, 32), NAN, np.float32), "mask values must be floats in"),
+    ],
+)
 def test_masks_outside_the_unit_range_are_refused(mask, message, pipe):
     with pytest.raises(ValueError, match=message):
         pipe.inpaint("a cat", picture(), mask, num_inference_steps=2, progress_bar=False)
@@ -569,17 +826,30 @@ def test_masks_outside_the_unit_range_are_refused(mask, message, pipe):
 
 def test_uint8_arrays_are_read_as_0_to_255(pipe):
     as_uint8 = np.array(picture())
-    run = lambda image, mask: pipe.inpaint("a cat", image, mask, num_inference_steps=2, output_type="latent",
-                                           progress_bar=False, generator=torch.Generator().manual_seed(0))
+
+    def run(image, mask):
+        return pipe.inpaint(
+            "a cat",
+            image,
+            mask,
+            num_inference_steps=2,
+            output_type="latent",
+            progress_bar=False,
+            generator=torch.Generator().manual_seed(0),
+        )
+
     mask = np.zeros((32, 32), np.uint8)
     mask[:16] = 255
     assert torch.equal(run(as_uint8, mask), run(as_uint8.astype(np.float32) / 255, (mask / 255).astype(np.float32)))
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x89PNG\r\n\x1a\n truncated", "cannot read the image"),
-    (b"just some text", "cannot read the image"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89PNG\r\n\x1a\n truncated", "cannot read the image"),
+        (b"just some text", "cannot read the image"),
+    ],
+)
 def test_unreadable_image_files_name_the_file(content, message, tmp_path):
     from muse.images import load_image
 
@@ -785,20 +1055,41 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, monkeypatch, caps
         checkpoint.save_torch({"state": torch.zeros(1000)}, checkpoint.begin(cfg.output_dir, 1) / "optimizer.pt")
 
     monkeypatch.setattr(cli, "train", train_until_the_disk_is_full)  # the command's training call
-    code, err = run_train(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--max_train_steps", "1",
-                           "--output_dir", str(tmp_path / "run")], capsys)
+    code, err = run_train(
+        [
+            "--pretrained_model_name_or_path",
+            "x",
+            "--instance_data_dir",
+            "x",
+            "--max_train_steps",
+            "1",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ],
+        capsys,
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith(f"error: no space left on device while writing {tmp_path / 'run'}") and "optimizer.pt" in lines[0]
+    assert (
+        lines[0].startswith(f"error: no space left on device while writing {tmp_path / 'run'}")
+        and "optimizer.pt" in lines[0]
+    )
     assert checkpoint.checkpoints(tmp_path / "run") == []  # no checkpoint claims to be complete
 
 
 def test_the_safetensors_writers_full_disk_is_recognised(tmp_path):
     from muse import files
 
-    error = files.write_error(Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                                        '"No space left on device" })'), tmp_path / "model.safetensors")
-    assert error.errno == errno.ENOSPC and f"no space left on device while writing {tmp_path / 'model.safetensors'}" in str(error)
+    error = files.write_error(
+        Exception(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),
+        tmp_path / "model.safetensors",
+    )
+    assert (
+        error.errno == errno.ENOSPC
+        and f"no space left on device while writing {tmp_path / 'model.safetensors'}" in str(error)
+    )
 
 
 def test_check_writable_before_slow_work(tmp_path):

@@ -37,7 +37,9 @@ def test_published_to_ours_prints_a_summary(published_dirs, tmp_path, capsys):
 
 def test_fp16_variant_to_diffusers_writes_variant_files(published_dirs, tmp_path, capsys):
     dst = tmp_path / "diffusers16"
-    assert muse_main(["convert", str(published_dirs("tiny-512")), str(dst), "--to", "diffusers", "--variant", "fp16"]) == 0
+    assert (
+        muse_main(["convert", str(published_dirs("tiny-512")), str(dst), "--to", "diffusers", "--variant", "fp16"]) == 0
+    )
     assert "float16" in capsys.readouterr().out
     assert (dst / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     assert not (dst / "transformer" / "diffusion_pytorch_model.safetensors").exists()
@@ -96,8 +98,14 @@ def test_the_muse_console_script_converts(published_dirs, tmp_path):
 def test_python_dash_m_convert_runs(published_dirs, tmp_path):
     dst = tmp_path / "ours"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "convert", str(published_dirs("tiny-256")), str(dst)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert", str(published_dirs("tiny-256")), str(dst)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "converted" in proc.stdout and "files written" in proc.stdout
     assert "loading transformer" in proc.stderr  # the progress bar

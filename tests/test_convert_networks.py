@@ -120,18 +120,43 @@ def test_gradients_map_like_a_state_dict(reference_pipelines):
 # conv stages (so the text is re-projected for the block attentions), an embedding narrower than both, an odd
 # number of heads, another eps and micro-condition layout.
 UNPUBLISHED_UVIT = dict(
-    hidden_size=48, use_bias=True, ln_elementwise_affine=False, layer_norm_eps=1e-5,
-    cond_embed_dim=20, micro_cond_encode_dim=6, micro_cond_embed_dim=30, encoder_hidden_size=28,
-    vocab_size=40, codebook_size=33, in_channels=24, block_out_channels=32, num_res_blocks=2,
-    downsample=True, upsample=True, block_num_heads=4, num_hidden_layers=2, num_attention_heads=3,
-    intermediate_size=100, sample_size=6,
+    hidden_size=48,
+    use_bias=True,
+    ln_elementwise_affine=False,
+    layer_norm_eps=1e-5,
+    cond_embed_dim=20,
+    micro_cond_encode_dim=6,
+    micro_cond_embed_dim=30,
+    encoder_hidden_size=28,
+    vocab_size=40,
+    codebook_size=33,
+    in_channels=24,
+    block_out_channels=32,
+    num_res_blocks=2,
+    downsample=True,
+    upsample=True,
+    block_num_heads=4,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    intermediate_size=100,
+    sample_size=6,
 )
 # Four levels, three ResNet blocks per decoder level, codebook vectors wider than the latents, other channel counts.
 UNPUBLISHED_VQGAN = dict(
-    in_channels=4, out_channels=2, block_out_channels=[16, 32, 32, 48], layers_per_block=2, latent_channels=6,
-    num_vq_embeddings=50, vq_embed_dim=10, norm_num_groups=8,
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-    mid_block_add_attention=False, norm_type="group", lookup_from_codebook=True, force_upcast=True,
+    in_channels=4,
+    out_channels=2,
+    block_out_channels=[16, 32, 32, 48],
+    layers_per_block=2,
+    latent_channels=6,
+    num_vq_embeddings=50,
+    vq_embed_dim=10,
+    norm_num_groups=8,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    mid_block_add_attention=False,
+    norm_type="group",
+    lookup_from_codebook=True,
+    force_upcast=True,
 )
 
 
@@ -187,8 +212,12 @@ def test_256_weights_into_512_config_name_the_missing_resampling():
     weights_256 = meta_state_dict("uvit", UViTConfig.amused_256().to_dict())
     with pytest.raises(ConversionError, match="missing 4 tensor") as info:
         uvit_from_diffusers(UViTConfig.amused_512().to_dict(), weights_256)
-    for key in ("down_block.downsample.norm.weight", "down_block.downsample.conv.weight",
-                "up_block.upsample.norm.weight", "up_block.upsample.conv.weight"):
+    for key in (
+        "down_block.downsample.norm.weight",
+        "down_block.downsample.conv.weight",
+        "up_block.upsample.norm.weight",
+        "up_block.upsample.conv.weight",
+    ):
         assert key in str(info.value)
     assert "unexpected" not in str(info.value)
 
@@ -287,13 +316,18 @@ def test_conversion_assigns_the_given_tensors(reference_pipelines, network):
 
 
 @pytest.mark.parametrize("network", ["uvit", "vqgan"])
-@pytest.mark.parametrize("source,requested,expected", [
-    (torch.float32, None, torch.float32),
-    (torch.float16, None, torch.float16),
-    (torch.float16, torch.float32, torch.float32),
-    (torch.float32, torch.bfloat16, torch.bfloat16),
-])
-def test_converted_model_is_in_eval_mode_on_cpu_in_the_right_dtype(reference_pipelines, network, source, requested, expected):
+@pytest.mark.parametrize(
+    "source,requested,expected",
+    [
+        (torch.float32, None, torch.float32),
+        (torch.float16, None, torch.float16),
+        (torch.float16, torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_converted_model_is_in_eval_mode_on_cpu_in_the_right_dtype(
+    reference_pipelines, network, source, requested, expected
+):
     """Eval mode, on the CPU, in the source tensors' dtype unless `dtype=` asks for another, and trainable."""
     from_diffusers, _, _, component = NETWORKS[network]
     ref = component(reference_pipelines("tiny-512"))

@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(args: list[str], launcher: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(launcher + ["-m", "train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        launcher + ["-m", "train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -32,10 +34,28 @@ def test_two_processes_train_the_same_weights_as_one_with_the_same_global_batch(
     for i, name in enumerate(["a red cube", "a blue ball", "green grass", "yellow sun", "a grey cat", "pink sky"]):
         Image.fromarray(rng.integers(0, 256, (32 + 8 * (i % 2), 32, 3), dtype=np.uint8)).save(images / f"{name}.png")
     common = [
-        "--pretrained_model_name_or_path", str(published_dirs("tiny-256")), "--instance_data_dir", str(images),
-        "--resolution", "32", "--max_train_steps", "3", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
-        "--cond_dropout_prob", "0.3", "--max_grad_norm", "1.0", "--seed", "0", "--checkpointing_steps", "100",
-        "--device", "cpu",
+        "--pretrained_model_name_or_path",
+        str(published_dirs("tiny-256")),
+        "--instance_data_dir",
+        str(images),
+        "--resolution",
+        "32",
+        "--max_train_steps",
+        "3",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--cond_dropout_prob",
+        "0.3",
+        "--max_grad_norm",
+        "1.0",
+        "--seed",
+        "0",
+        "--checkpointing_steps",
+        "100",
+        "--device",
+        "cpu",
     ]
     torch.set_num_threads(1)
     try:
@@ -63,5 +83,5 @@ def test_two_processes_train_the_same_weights_as_one_with_the_same_global_batch(
 
 
 def _loss(log: str) -> float:
-    line = [l for l in log.splitlines() if " loss=" in l][-1]
+    line = [row for row in log.splitlines() if " loss=" in row][-1]
     return float(line.split(" loss=")[1].split()[0])

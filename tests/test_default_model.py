@@ -23,7 +23,9 @@ from uvit import UViT
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
-shipped = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "muse.json").is_file(), reason="no embedded model in this checkout")
+shipped = pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "muse.json").is_file(), reason="no embedded model in this checkout"
+)
 
 ADHERENCE_GOAL = 0.90  # the goal (what the shipped model measures: docs/default_model.md)
 ADHERENCE_FLOOR = 0.80  # what this test holds the shipped model to: a regression guard, chance is about 0.3
@@ -46,8 +48,14 @@ def test_the_shipped_model_fits_the_size_budget():
 def test_loads_without_a_path_and_generates_a_64px_image(pipe):
     images = pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0), progress_bar=False)
     assert len(images) == 1 and images[0].size == (64, 64)
-    pixels = torch.from_numpy(pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0),
-                                   output_type="np", progress_bar=False)[0]).permute(2, 0, 1)
+    pixels = torch.from_numpy(
+        pipe(
+            "a red circle on a blue background",
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            progress_bar=False,
+        )[0]
+    ).permute(2, 0, 1)
     assert torch.isfinite(pixels).all() and float(pixels.std()) > 0.05  # not a blank or NaN image
 
 
@@ -66,8 +74,10 @@ def test_the_cli_generates_with_the_embedded_model(tmp_path):
 @shipped
 def test_shipped_vqgan_psnr_on_heldout_images(pipe):
     report = vq_report(pipe.vqvae, "cpu", num_images=256)
-    print(f"shipped VQ-GAN on 256 held-out images: PSNR {report['psnr']:.2f} dB, codebook usage {report['usage']:.1%} "
-          f"({report['codes_used']}/{report['num_codes']}), perplexity {report['perplexity']:.1f}")
+    print(
+        f"shipped VQ-GAN on 256 held-out images: PSNR {report['psnr']:.2f} dB, codebook usage {report['usage']:.1%} "
+        f"({report['codes_used']}/{report['num_codes']}), perplexity {report['perplexity']:.1f}"
+    )
     assert report["psnr"] >= PSNR_GOAL_DB
     assert report["usage"] >= 0.5  # dead-code restarts keep most of the codebook alive
 
@@ -111,16 +121,42 @@ def test_the_shapes_eval_command_passes_its_sampling_options(tmp_path, pipe, mon
     real_call = Pipeline.__call__
 
     def spy(self, *args, **kwargs):
-        seen.append({k: kwargs.get(k) for k in ("temperature", "sampling_temperature", "masking_schedule", "num_inference_steps")})
+        seen.append(
+            {
+                k: kwargs.get(k)
+                for k in ("temperature", "sampling_temperature", "masking_schedule", "num_inference_steps")
+            }
+        )
         return real_call(self, *args, **kwargs)
 
     monkeypatch.setattr(Pipeline, "__call__", spy)
     verdicts = tmp_path / "verdicts.json"
-    argv = ["shapes-eval", "--per-triple", "1", "--steps", "4", "--temperature", "0.5,0", "--sampling-temperature",
-            "0.7", "--masking-schedule", "linear", "--json", str(verdicts)]
+    argv = [
+        "shapes-eval",
+        "--per-triple",
+        "1",
+        "--steps",
+        "4",
+        "--temperature",
+        "0.5,0",
+        "--sampling-temperature",
+        "0.7",
+        "--masking-schedule",
+        "linear",
+        "--json",
+        str(verdicts),
+    ]
     assert main(argv) == 0
-    assert seen and all(o == {"temperature": (0.5, 0.0), "sampling_temperature": 0.7, "masking_schedule": "linear",
-                              "num_inference_steps": 4} for o in seen)
+    assert seen and all(
+        o
+        == {
+            "temperature": (0.5, 0.0),
+            "sampling_temperature": 0.7,
+            "masking_schedule": "linear",
+            "num_inference_steps": 4,
+        }
+        for o in seen
+    )
     report = json.loads(verdicts.read_text())
     assert report["report"]["num_images"] == 21 and len(report["images"]) == 21
 
@@ -131,7 +167,10 @@ def test_the_evaluation_prompts_of_each_split():
 
     for split, triples in (("heldout", HELDOUT), ("train", TRAIN_TRIPLES)):
         scenes, prompts = evaluation_prompts(per_triple=1, seed=3, split=split)
-        found = {(scenes.attributes(i)["colour"], scenes.attributes(i)["background"], scenes.attributes(i)["shape"]) for i in range(len(scenes))}
+        found = {
+            (scenes.attributes(i)["colour"], scenes.attributes(i)["background"], scenes.attributes(i)["shape"])
+            for i in range(len(scenes))
+        }
         assert found == {(c, b, s) for c, b, s in triples} and len(prompts) == len(triples)
     with pytest.raises(ValueError, match="unknown split"):
         evaluation_prompts(split="validation")

@@ -59,7 +59,9 @@ def test_variant_and_torch_dtype_load_the_fp16_files(published_dirs):
 
 def test_np_output_answers_images_as_diffusers_output_does(published_dirs):
     pipe = Pipeline.from_pretrained(str(published_dirs("tiny-256")))
-    out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np", progress_bar=False)
+    out = pipe(
+        PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np", progress_bar=False
+    )
     assert isinstance(out, np.ndarray) and out.images is out and out.images[0].shape == out.shape[1:]
     pil = pipe(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=2, progress_bar=False)
     assert pil.images is pil and np.array_equal(np.asarray(pil.images[0]), np.asarray(pil[0]))

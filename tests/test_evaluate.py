@@ -114,7 +114,11 @@ class CountingGenerator:
 
 # --- prompts ---------------------------------------------------------------------------------------------------------
 
-PROMPTS = ["a red circle on a blue background", "a green square on a white background", "a yellow triangle on a black background"]
+PROMPTS = [
+    "a red circle on a blue background",
+    "a green square on a white background",
+    "a yellow triangle on a black background",
+]
 
 
 @pytest.mark.parametrize("kind", ["txt", "json-list", "json-records", "jsonl", "csv", "saved-dataset"])
@@ -256,7 +260,11 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(fid_metric, tmp_p
     fids = []
     for sigma in (0, 12, 48):
         noisy = (pixels + sigma * noise).round().clamp(0, 255).to(torch.uint8).numpy()
-        fids.append(frechet_distance(feature_statistics(fid_metric.features([PIL.Image.fromarray(a) for a in noisy])), reference))
+        fids.append(
+            frechet_distance(
+                feature_statistics(fid_metric.features([PIL.Image.fromarray(a) for a in noisy])), reference
+            )
+        )
     scale = float(np.trace(reference["sigma"]))  # the size of a typical FID between unrelated sets
     # ~0: a zero eigenvalue's float64 round-off (1e-16 of the largest) becomes 1e-8 relative after the square root
     assert abs(fids[0]) < 1e-6 * scale, fids
@@ -274,7 +282,9 @@ def test_frechet_distance_equals_torch_fidelitys(n):
     g = torch.Generator().manual_seed(n)
     mix = torch.randn(256, 256, generator=g) / 16
     a = feature_statistics(torch.randn(n, 256, generator=g) @ mix)
-    b = feature_statistics((torch.randn(n + 7, 256, generator=g) + 0.3) @ (mix + 0.05 * torch.randn(256, 256, generator=g)))
+    b = feature_statistics(
+        (torch.randn(n + 7, 256, generator=g) + 0.3) @ (mix + 0.05 * torch.randn(256, 256, generator=g))
+    )
     theirs = fid_statistics_to_metric({"mu": a["mu"], "sigma": a["sigma"]}, {"mu": b["mu"], "sigma": b["sigma"]}, False)
     tolerance = 1e-6 if n < 256 else 1e-8
     assert frechet_distance(a, b) == pytest.approx(theirs[KEY_METRIC_FID], rel=tolerance)
@@ -317,7 +327,18 @@ def test_command_stops_before_generating_when_weights_are_missing(tmp_path, monk
     ref = tmp_path / "ref"
     ref.mkdir()
     _pictures(1)[0].save(ref / "0.png")
-    code = muse_main(["evaluate", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--fid-reference", str(ref), "--offline"])
+    code = muse_main(
+        [
+            "evaluate",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "out"),
+            "--fid-reference",
+            str(ref),
+            "--offline",
+        ]
+    )
     assert code == 2
     assert "weights-inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -334,8 +355,18 @@ def test_evaluate_writes_table_plot_and_grids(tmp_path, clip_weights, fid_metric
     settings = expand_grid(guidance_scales=[1.0, 4.0])
     out = tmp_path / "out"
     clip = ClipScorer(CLIP_MODEL, str(clip_weights), offline=True)
-    rows = evaluate(CountingGenerator(), settings, PROMPTS[:2], [0], out, batch_size=3, clip=clip, fid=fid_metric,
-                    fid_reference=ref, progress=False)
+    rows = evaluate(
+        CountingGenerator(),
+        settings,
+        PROMPTS[:2],
+        [0],
+        out,
+        batch_size=3,
+        clip=clip,
+        fid=fid_metric,
+        fid_reference=ref,
+        progress=False,
+    )
 
     assert len(rows) == 2
     for row in rows:
@@ -380,10 +411,33 @@ def _run_command(tmp_path, model, prompts, references, clip_weights, inception_w
     for i, im in enumerate(references):
         im.save(ref / f"{i}.png")
     out = tmp_path / "out"
-    args = ["evaluate", "--prompts", str(prompt_file), "--out", str(out), "--model", str(model), "--device", "cpu",
-            "--guidance-scales", "1", "4", "--seeds", "0", "--batch-size", "2",
-            "--clip-model", CLIP_MODEL, "--clip-weights", str(clip_weights),
-            "--fid-reference", str(ref), "--fid-weights", str(inception_weights), *extra]
+    args = [
+        "evaluate",
+        "--prompts",
+        str(prompt_file),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--guidance-scales",
+        "1",
+        "4",
+        "--seeds",
+        "0",
+        "--batch-size",
+        "2",
+        "--clip-model",
+        CLIP_MODEL,
+        "--clip-weights",
+        str(clip_weights),
+        "--fid-reference",
+        str(ref),
+        "--fid-weights",
+        str(inception_weights),
+        *extra,
+    ]
     assert muse_main(args) == 0
     return out, args
 
@@ -402,8 +456,15 @@ def _check_results(out, num_settings, num_images):
 def test_command_end_to_end_on_a_tiny_model_resumes(tmp_path, published_dirs, clip_weights, inception_weights):
     """A random tiny aMUSEd (32x32 images) in the published layout: generate, score, write; run again: nothing is
     generated again and the numbers are the same."""
-    out, args = _run_command(tmp_path, published_dirs("tiny-256"), PROMPTS[:2], _pictures(3, size=(32, 32), seed=5),
-                             clip_weights, inception_weights, extra=["--steps", "4"])
+    out, args = _run_command(
+        tmp_path,
+        published_dirs("tiny-256"),
+        PROMPTS[:2],
+        _pictures(3, size=(32, 32), seed=5),
+        clip_weights,
+        inception_weights,
+        extra=["--steps", "4"],
+    )
     first = _check_results(out, num_settings=2, num_images=2)
     assert [r["generated_now"] for r in first] == [2, 2]
     with PIL.Image.open(out / "images" / first[0]["key"] / "p000000_s0.png") as im:

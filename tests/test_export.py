@@ -53,12 +53,18 @@ def test_exported_components_compute_what_ours_compute(kind, exported):
     cfg = ours.transformer.config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.codebook_size, (2, cfg.sample_size, cfg.sample_size), generator=g)
-    args = (ids, torch.randn(2, 77, cfg.encoder_hidden_size, generator=g), torch.randn(2, cfg.cond_embed_dim, generator=g),
-            torch.tensor([[256.0, 256.0, 0.0, 0.0, 6.0]] * 2))
+    args = (
+        ids,
+        torch.randn(2, 77, cfg.encoder_hidden_size, generator=g),
+        torch.randn(2, cfg.cond_embed_dim, generator=g),
+        torch.tensor([[256.0, 256.0, 0.0, 0.0, 6.0]] * 2),
+    )
     with torch.no_grad():
         assert torch.equal(ours.transformer(*args), pipe.transformer(*args))
         vq_ids = ids[:1, :4, :4] % ours.vqvae.config.num_vq_embeddings
-        theirs = pipe.vqvae.decode(vq_ids, force_not_quantize=True, shape=(1, 4, 4, pipe.vqvae.config.latent_channels)).sample
+        theirs = pipe.vqvae.decode(
+            vq_ids, force_not_quantize=True, shape=(1, 4, 4, pipe.vqvae.config.latent_channels)
+        ).sample
         assert (ours.vqvae.decode(vq_ids) - theirs).abs().max().item() <= 1e-5
     text = ["a red bicycle"]
     assert torch.equal(

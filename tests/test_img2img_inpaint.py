@@ -39,7 +39,10 @@ def _reference(reference_pipelines, kind: str, cls_name: str):
 
     base = reference_pipelines(kind)
     pipe = getattr(diffusers, cls_name)(
-        vqvae=base.vqvae, tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=base.transformer,
+        vqvae=base.vqvae,
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        transformer=base.transformer,
         scheduler=diffusers.AmusedScheduler(mask_token_id=base.scheduler.config.mask_token_id),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -114,8 +117,14 @@ def test_img2img_matches_reference(strength, ours, ref_img2img):
 
 
 def test_img2img_512_layout_batch_matches_reference(ours, ref_img2img):
-    args = dict(prompt=["a cat", "a dog"], image=[picture(1), picture(2)], strength=0.6, negative_prompt=["x", "y"],
-                num_images_per_prompt=2, guidance_scale=3.0)
+    args = dict(
+        prompt=["a cat", "a dog"],
+        image=[picture(1), picture(2)],
+        strength=0.6,
+        negative_prompt=["x", "y"],
+        num_images_per_prompt=2,
+        guidance_scale=3.0,
+    )
     theirs = run_reference(ref_img2img("tiny-512"), 3, **args)
     assert_same(run_ours(ours("tiny-512").img2img, 3, **args), theirs)
 
@@ -123,8 +132,15 @@ def test_img2img_512_layout_batch_matches_reference(ours, ref_img2img):
 def test_img2img_at_full_strength_masks_every_token(ours, ref_img2img):
     pipe = ours("tiny-256")
     with FirstInput(pipe.transformer) as spy:
-        pipe.img2img("a cat", picture(1), strength=1.0, num_inference_steps=FEW_STEPS, output_type="latent",
-                     progress_bar=False, generator=torch.Generator().manual_seed(0))
+        pipe.img2img(
+            "a cat",
+            picture(1),
+            strength=1.0,
+            num_inference_steps=FEW_STEPS,
+            output_type="latent",
+            progress_bar=False,
+            generator=torch.Generator().manual_seed(0),
+        )
     assert bool((spy.tokens == pipe.mask_token_id).all())
 
 
@@ -140,8 +156,14 @@ def test_reference_img2img_at_full_strength_masks_nothing(ref_img2img, ours):
 
     ref.transformer.forward = spy
     try:
-        ref("a cat", image=picture(1), strength=1.0, num_inference_steps=FEW_STEPS, output_type="latent",
-            generator=torch.Generator().manual_seed(0))
+        ref(
+            "a cat",
+            image=picture(1),
+            strength=1.0,
+            num_inference_steps=FEW_STEPS,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
     finally:
         del ref.transformer.forward
     assert not (seen["ids"] == ours("tiny-256").mask_token_id).any()
@@ -151,8 +173,13 @@ def test_img2img_list_of_generators(ours):
     pipe = ours("tiny-256")
     common = dict(strength=0.7, num_inference_steps=FEW_STEPS, output_type="latent", progress_bar=False)
     seeds = [3, 4]
-    batch = pipe.img2img("a cat", picture(1), num_images_per_prompt=2,
-                         generator=[torch.Generator().manual_seed(s) for s in seeds], **common)
+    batch = pipe.img2img(
+        "a cat",
+        picture(1),
+        num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        **common,
+    )
     for i, s in enumerate(seeds):
         single = pipe.img2img("a cat", picture(1), generator=torch.Generator().manual_seed(s), **common)
         assert torch.equal(batch[i : i + 1], single)
@@ -186,8 +213,9 @@ def test_inpaint_matches_reference(mask, ours, ref_inpaint):
 
 
 def test_inpaint_512_layout_partial_strength_matches_reference(ours, ref_inpaint):
-    args = dict(prompt="a red ball", image=picture(3), mask_image=rect_mask(0, 0, 16, 32), strength=0.5,
-                num_images_per_prompt=2)
+    args = dict(
+        prompt="a red ball", image=picture(3), mask_image=rect_mask(0, 0, 16, 32), strength=0.5, num_images_per_prompt=2
+    )
     theirs = run_reference(ref_inpaint("tiny-512"), 2, **args)
     assert_same(run_ours(ours("tiny-512").inpaint, 2, **args), theirs)
 
@@ -196,8 +224,15 @@ def test_inpaint_keeps_tokens_outside_the_mask(ours):
     pipe = ours("tiny-256")
     image = picture(2)
     tokens = pipe.vqvae.encode(torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)[None])
-    out = pipe.inpaint("a ball", image, rect_mask(8, 4, 24, 20), num_inference_steps=FEW_STEPS, output_type="latent",
-                       progress_bar=False, generator=torch.Generator().manual_seed(0))
+    out = pipe.inpaint(
+        "a ball",
+        image,
+        rect_mask(8, 4, 24, 20),
+        num_inference_steps=FEW_STEPS,
+        output_type="latent",
+        progress_bar=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     outside = torch.ones(8, 8, dtype=torch.bool)
     outside[2:6, 1:5] = False  # the mask's tokens (4 px per token)
     assert torch.equal(out[0][outside], tokens[0][outside]) and not torch.equal(out[0][~outside], tokens[0][~outside])
@@ -207,8 +242,14 @@ def test_inpaint_leaves_the_shared_schedule_alone(ours, reference_pipelines):
     pipe = ours("tiny-256")
     common = dict(prompt="a cat", num_inference_steps=FEW_STEPS)
     before = run_ours(pipe, 0, **common)
-    pipe.inpaint("a ball", picture(2), rect_mask(8, 4, 24, 20), num_inference_steps=FEW_STEPS, output_type="latent",
-                 progress_bar=False)
+    pipe.inpaint(
+        "a ball",
+        picture(2),
+        rect_mask(8, 4, 24, 20),
+        num_inference_steps=FEW_STEPS,
+        output_type="latent",
+        progress_bar=False,
+    )
     assert pipe.masking_schedule.name == "cosine"
     assert torch.equal(run_ours(pipe, 0, **common)[0], before[0])
 
@@ -219,8 +260,13 @@ def test_reference_inpaint_pipeline_switches_a_shared_scheduler(reference_pipeli
 
     base = reference_pipelines("tiny-256")
     scheduler = diffusers.AmusedScheduler(mask_token_id=base.scheduler.config.mask_token_id)
-    diffusers.AmusedInpaintPipeline(vqvae=base.vqvae, tokenizer=base.tokenizer, text_encoder=base.text_encoder,
-                                    transformer=base.transformer, scheduler=scheduler)
+    diffusers.AmusedInpaintPipeline(
+        vqvae=base.vqvae,
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        transformer=base.transformer,
+        scheduler=scheduler,
+    )
     assert scheduler.config.masking_schedule == "linear"
 
 
@@ -229,7 +275,9 @@ def test_paste_unmasked_puts_original_pixels_back_outside_the_mask(ours):
     image, mask = picture(2), blob_mask(1)
     common = dict(num_inference_steps=FEW_STEPS, output_type="np", progress_bar=False)
     plain = pipe.inpaint("a ball", image, mask, generator=torch.Generator().manual_seed(0), **common)
-    pasted = pipe.inpaint("a ball", image, mask, paste_unmasked=True, generator=torch.Generator().manual_seed(0), **common)
+    pasted = pipe.inpaint(
+        "a ball", image, mask, paste_unmasked=True, generator=torch.Generator().manual_seed(0), **common
+    )
     original = np.asarray(image, np.float32) / 255
     inside = np.asarray(mask) >= 128  # the mask binarised at 0.5
     assert inside.any() and (~inside).any()
@@ -248,14 +296,25 @@ BAD = {
     "image integer array": ("img2img", dict(image=np.zeros((32, 32, 3), np.int32)), "float"),
     "image count": ("img2img", dict(prompt=["a", "b", "c"], image=[picture(1), picture(2)]), "images for 3 prompts"),
     "strength zero": ("img2img", dict(image=picture(1), strength=0.0), r"\(0, 1\]"),
-    "strength above one": ("inpaint", dict(image=picture(1), mask_image=rect_mask(0, 0, 8, 8), strength=1.5), r"\(0, 1\]"),
+    "strength above one": (
+        "inpaint",
+        dict(image=picture(1), mask_image=rect_mask(0, 0, 8, 8), strength=1.5),
+        r"\(0, 1\]",
+    ),
     "strength too small for the steps": ("img2img", dict(image=picture(1), strength=0.05), "runs no step"),
     "zero steps": ("img2img", dict(image=picture(1), num_inference_steps=0), "num_inference_steps"),
-    "mask size": ("inpaint", dict(image=picture(1), mask_image=rect_mask(0, 0, 8, 8, size=16)), "differs from the image size"),
+    "mask size": (
+        "inpaint",
+        dict(image=picture(1), mask_image=rect_mask(0, 0, 8, 8, size=16)),
+        "differs from the image size",
+    ),
     "mask mode": ("inpaint", dict(image=picture(1), mask_image=rect_mask(0, 0, 8, 8).convert("P")), "mask mode"),
     "empty mask": ("inpaint", dict(image=picture(1), mask_image=rect_mask(0, 0, 0, 0)), "nothing to repaint"),
     "paste with latent output": (
-        "inpaint", dict(image=picture(1), mask_image=rect_mask(0, 0, 8, 8), paste_unmasked=True, output_type="latent"), "latent"),
+        "inpaint",
+        dict(image=picture(1), mask_image=rect_mask(0, 0, 8, 8), paste_unmasked=True, output_type="latent"),
+        "latent",
+    ),
 }
 
 
@@ -265,4 +324,6 @@ def test_bad_input_is_refused_clearly(case, ours):
     args = dict(args)
     prompt = args.pop("prompt", "a cat")
     with pytest.raises((ValueError, TypeError), match=message):
-        getattr(ours("tiny-256"), method)(prompt, progress_bar=False, num_inference_steps=args.pop("num_inference_steps", 2), **args)
+        getattr(ours("tiny-256"), method)(
+            prompt, progress_bar=False, num_inference_steps=args.pop("num_inference_steps", 2), **args
+        )

@@ -174,7 +174,10 @@ def test_control_an_upward_import_is_caught_with_its_file_and_line():
     [
         ("def f():\n    import json\n", "function-local import of json (not an optional heavy dependency)"),
         ("def f():\n    import wandb\n", "function-local import of wandb (no comment saying why)"),
-        ("def f():\n    from muse import Pipeline\n", "function-local import of muse (not an optional heavy dependency)"),
+        (
+            "def f():\n    from muse import Pipeline\n",
+            "function-local import of muse (not an optional heavy dependency)",
+        ),
     ],
 )
 def test_control_unexplained_local_imports_are_caught(source, expected):

@@ -120,12 +120,17 @@ def test_missing_component_folder_is_named(folder, component):
 
 def test_missing_weights_file_is_named(folder):
     (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"transformer: no weights file \(looked for diffusion_pytorch_model\.safetensors"):
+    with pytest.raises(
+        CheckpointError, match=r"transformer: no weights file \(looked for diffusion_pytorch_model\.safetensors"
+    ):
         convert.load_components(str(folder))
 
 
 def test_missing_variant_says_which_files_exist(folder):
-    with pytest.raises(CheckpointError, match=r"no weights file .* it holds \['diffusion_pytorch_model\.safetensors'\]: load without the 'fp16' variant"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no weights file .* it holds \['diffusion_pytorch_model\.safetensors'\]: load without the 'fp16' variant",
+    ):
         convert.load_components(str(folder), variant="fp16")
 
 
@@ -135,7 +140,10 @@ def test_config_that_does_not_match_its_weights(folder):
     cfg["num_hidden_layers"] += 1
     cfg_path.write_text(json.dumps(cfg))
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
-    with pytest.raises(CheckpointError, match=rf"{weights}: does not match {cfg_path}: .*missing \d+ tensor\(s\): transformer_layers\.2\."):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{weights}: does not match {cfg_path}: .*missing \d+ tensor\(s\): transformer_layers\.2\.",
+    ):
         convert.load_components(str(folder))
 
 
@@ -144,7 +152,9 @@ def test_config_with_wrong_width_reports_shapes(folder):
     cfg = json.loads(cfg_path.read_text())
     cfg["latent_channels"] *= 2
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"vqvae/diffusion_pytorch_model\.safetensors: does not match .*misshapen"):
+    with pytest.raises(
+        CheckpointError, match=r"vqvae/diffusion_pytorch_model\.safetensors: does not match .*misshapen"
+    ):
         convert.load_components(str(folder))
 
 
@@ -153,7 +163,9 @@ def test_text_encoder_config_that_does_not_match_its_weights(folder):
     cfg = json.loads(cfg_path.read_text())
     cfg["num_hidden_layers"] += 1
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"text_encoder/model\.safetensors does not fit CLIPTextModelWithProjection: missing"):
+    with pytest.raises(
+        CheckpointError, match=r"text_encoder/model\.safetensors does not fit CLIPTextModelWithProjection: missing"
+    ):
         convert.load_components(str(folder))
 
 

@@ -75,7 +75,9 @@ def test_zero_initialised_adapters_leave_outputs_unchanged():
     before = our_logits(ours, inputs)
     names = inject_lora(ours, REFERENCE_TARGETS, rank=4, alpha=8)
     assert names and all(isinstance(ours.get_submodule(n), LoRALinear) for n in names)
-    assert all(float(layer.lora_a.weight.detach().abs().sum()) > 0 for layer in lora_layers(ours).values())  # A is random
+    assert all(
+        float(layer.lora_a.weight.detach().abs().sum()) > 0 for layer in lora_layers(ours).values()
+    )  # A is random
     assert torch.equal(our_logits(ours, inputs), before)  # B = 0: the update is exactly zero
 
 
@@ -120,7 +122,9 @@ def test_default_targets_are_the_reference_attention_projections():
     assert from_reference_names == find_targets(ours, ["q", "k", "v"])
     assert len(from_reference_names) == (22 * 2 + 6 * 2) * 3
     namer = module_namer(ours)
-    peft_targets = {n for n, m in theirs.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in REFERENCE_TARGETS}
+    peft_targets = {
+        n for n, m in theirs.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in REFERENCE_TARGETS
+    }
     assert {namer(n) for n in from_reference_names} == peft_targets
 
 
@@ -184,7 +188,9 @@ def test_peft_model_folder_loads_into_ours(tmp_path):
 
     ref, ours = reference_and_ours()
     inputs = tiny_inputs(ours.config)
-    peft_model = get_peft_model(ref, LoraConfig(r=4, lora_alpha=12, target_modules=REFERENCE_TARGETS, init_lora_weights=False))
+    peft_model = get_peft_model(
+        ref, LoraConfig(r=4, lora_alpha=12, target_modules=REFERENCE_TARGETS, init_lora_weights=False)
+    )
     expected = ref_logits(peft_model.base_model.model, inputs)
     peft_model.save_pretrained(str(tmp_path))
     load_lora_into(ours, tmp_path)
@@ -241,7 +247,9 @@ def test_text_encoder_lora_uses_clip_projection_names():
     layers = te.config.num_hidden_layers
     assert len(names) == 3 * layers and all(n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj") for n in names)
     ours, _ = to_peft_state_dict(get_adapters(te), lambda n: n, prefix=None)
-    theirs_model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]), reference_text_encoder("tiny-256"))
+    theirs_model = inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]), reference_text_encoder("tiny-256")
+    )
     assert sorted(ours) == sorted(get_peft_model_state_dict(theirs_model))
 
 

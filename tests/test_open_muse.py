@@ -41,11 +41,17 @@ _UVIT_RENAMES = [  # applied in order, first match wins; on diffusers UVit2DMode
     (r"(down|up)_block\.", r"\1_blocks.0."),
 ]
 _UVIT_PART_RENAMES = [  # then these, anywhere in the name
-    ("attn1.to_q.", "attention.query."), ("attn1.to_k.", "attention.key."), ("attn1.to_v.", "attention.value."),
+    ("attn1.to_q.", "attention.query."),
+    ("attn1.to_k.", "attention.key."),
+    ("attn1.to_v.", "attention.value."),
     ("attn1.to_out.0.", "attention.out."),
-    ("attn2.to_q.", "crossattention.query."), ("attn2.to_k.", "crossattention.key."), ("attn2.to_v.", "crossattention.value."),
+    ("attn2.to_q.", "crossattention.query."),
+    ("attn2.to_k.", "crossattention.key."),
+    ("attn2.to_v.", "crossattention.value."),
     ("attn2.to_out.0.", "crossattention.out."),
-    ("channelwise_linear_1.", "channelwise.0."), ("channelwise_norm.", "channelwise.2."), ("channelwise_linear_2.", "channelwise.4."),
+    ("channelwise_linear_1.", "channelwise.0."),
+    ("channelwise_norm.", "channelwise.2."),
+    ("channelwise_linear_2.", "channelwise.4."),
     ("cond_embeds_mapper.", "adaLN_modulation.mapper."),
     ("mlm_layer.layer_norm.", "mlm_layer.layer_norm.norm."),
 ]
@@ -78,8 +84,14 @@ def open_muse_vqgan_state_dict(diffusers_sd: dict, num_levels: int) -> dict:
         name = name.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
         name = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", name)
         name = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", name)
-        name = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.block.", name)
-        name = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.", name)
+        name = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.block.", name
+        )
+        name = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.",
+            name,
+        )
         name = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", name)
         out[name] = t
     return out
@@ -88,27 +100,54 @@ def open_muse_vqgan_state_dict(diffusers_sd: dict, num_levels: int) -> dict:
 def open_muse_uvit_config(cfg) -> dict:
     """A MaskGiTUViT_v2 config.json for a diffusers UVit2DModel config (MaskGiTUViT_v2Config's field names)."""
     return {
-        "_class_name": "MaskGiTUViT_v2", "_version": "0.0.1",
-        "hidden_size": cfg.hidden_size, "use_bias": cfg.use_bias, "hidden_dropout": 0.0, "attention_dropout": 0.0,
-        "cond_embed_dim": cfg.cond_embed_dim, "micro_cond_encode_dim": cfg.micro_cond_encode_dim,
-        "micro_cond_embed_dim": cfg.micro_cond_embed_dim, "encoder_hidden_size": cfg.encoder_hidden_size,
-        "vocab_size": cfg.vocab_size, "mask_token_id": cfg.vocab_size - 1, "codebook_size": cfg.codebook_size,
-        "in_channels": cfg.in_channels, "block_out_channels": [cfg.block_out_channels], "num_res_blocks": cfg.num_res_blocks,
-        "force_down_up_sample": cfg.downsample, "block_num_heads": cfg.block_num_heads,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "intermediate_size": cfg.intermediate_size, "use_fused_mlp": False, "norm_type": "rmsnorm",
-        "layer_norm_eps": cfg.layer_norm_eps, "ln_elementwise_affine": True, "use_fused_residual_norm": False,
-        "add_cond_embeds": True, "add_micro_cond_embeds": True,
+        "_class_name": "MaskGiTUViT_v2",
+        "_version": "0.0.1",
+        "hidden_size": cfg.hidden_size,
+        "use_bias": cfg.use_bias,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "cond_embed_dim": cfg.cond_embed_dim,
+        "micro_cond_encode_dim": cfg.micro_cond_encode_dim,
+        "micro_cond_embed_dim": cfg.micro_cond_embed_dim,
+        "encoder_hidden_size": cfg.encoder_hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "mask_token_id": cfg.vocab_size - 1,
+        "codebook_size": cfg.codebook_size,
+        "in_channels": cfg.in_channels,
+        "block_out_channels": [cfg.block_out_channels],
+        "num_res_blocks": cfg.num_res_blocks,
+        "force_down_up_sample": cfg.downsample,
+        "block_num_heads": cfg.block_num_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "use_fused_mlp": False,
+        "norm_type": "rmsnorm",
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "ln_elementwise_affine": True,
+        "use_fused_residual_norm": False,
+        "add_cond_embeds": True,
+        "add_micro_cond_embeds": True,
     }
 
 
 def open_muse_vqgan_config(cfg) -> dict:
     ch = list(cfg.block_out_channels)
     return {
-        "_class_name": "VQGANModel", "resolution": 256, "num_channels": cfg.in_channels, "hidden_channels": ch[0],
-        "channel_mult": [c // ch[0] for c in ch], "num_res_blocks": cfg.layers_per_block, "attn_resolutions": [],
-        "no_attn_mid_block": True, "z_channels": cfg.latent_channels, "num_embeddings": cfg.num_vq_embeddings,
-        "quantized_embed_dim": cfg.embed_dim, "dropout": 0.0, "resample_with_conv": True, "commitment_cost": 0.25,
+        "_class_name": "VQGANModel",
+        "resolution": 256,
+        "num_channels": cfg.in_channels,
+        "hidden_channels": ch[0],
+        "channel_mult": [c // ch[0] for c in ch],
+        "num_res_blocks": cfg.layers_per_block,
+        "attn_resolutions": [],
+        "no_attn_mid_block": True,
+        "z_channels": cfg.latent_channels,
+        "num_embeddings": cfg.num_vq_embeddings,
+        "quantized_embed_dim": cfg.embed_dim,
+        "dropout": 0.0,
+        "resample_with_conv": True,
+        "commitment_cost": 0.25,
         # taming's GroupNorm has 32 groups; the tiny test VQ-GAN has fewer, stated through our extension field
         **({"norm_num_groups": cfg.norm_num_groups} if cfg.norm_num_groups != 32 else {}),
     }
@@ -196,7 +235,9 @@ def test_geglu_split_follows_open_muse_formula(reference_pipelines):
     x = torch.randn(3, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = ref.transformer_layers[0].ff.net[0](x)
-        original = F.gelu(x @ om["transformer_layers.0.ffn.wi_0.weight"].T) * (x @ om["transformer_layers.0.ffn.wi_1.weight"].T)
+        original = F.gelu(x @ om["transformer_layers.0.ffn.wi_0.weight"].T) * (
+            x @ om["transformer_layers.0.ffn.wi_1.weight"].T
+        )
     torch.testing.assert_close(original, theirs, rtol=1e-6, atol=1e-6)
 
 
@@ -208,8 +249,12 @@ def _uvit_args(cfg, batch=2):
     side = min(cfg.sample_size, 8)
     ids = torch.randint(0, cfg.codebook_size, (batch, side, side), generator=g)
     ids[:, 1::3] = cfg.mask_token_id
-    return (ids, torch.randn(batch, 77, cfg.encoder_hidden_size, generator=g),
-            torch.randn(batch, cfg.cond_embed_dim, generator=g), torch.tensor([[256.0, 256.0, 0.0, 0.0, 6.0]] * batch))
+    return (
+        ids,
+        torch.randn(batch, 77, cfg.encoder_hidden_size, generator=g),
+        torch.randn(batch, cfg.cond_embed_dim, generator=g),
+        torch.tensor([[256.0, 256.0, 0.0, 0.0, 6.0]] * batch),
+    )
 
 
 @pytest.mark.parametrize("kind", ["tiny-256", "tiny-512", pytest.param("full-256", marks=pytest.mark.full)])
@@ -261,9 +306,13 @@ def test_open_muse_folder_loads_through_load_components(weights, reference_pipel
     args = _uvit_args(c.transformer.config)
     ids = c.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        assert ((c.transformer(*args) - pipe.transformer(*args)).abs().max() / pipe.transformer(*args).abs().max()) <= 1e-4
+        assert (
+            (c.transformer(*args) - pipe.transformer(*args)).abs().max() / pipe.transformer(*args).abs().max()
+        ) <= 1e-4
         assert (c.text_encoder(ids).text_embeds - pipe.text_encoder(ids).text_embeds).abs().max() <= 1e-5
-    assert torch.equal(ids, pipe.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids)
+    assert torch.equal(
+        ids, pipe.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    )
 
 
 # --- what cannot be inferred, and what does not fit ------------------------------------------------------------

@@ -49,12 +49,18 @@ def reference(reference_pipelines):
 CASES = {
     "defaults": dict(prompt="a photo of a cat"),
     "batch-negatives-copies": dict(
-        prompt=["a red car", "an astronaut riding a horse"], negative_prompt=["blurry", "low quality"],
-        num_images_per_prompt=2, guidance_scale=4.0,
+        prompt=["a red car", "an astronaut riding a horse"],
+        negative_prompt=["blurry", "low quality"],
+        num_images_per_prompt=2,
+        guidance_scale=4.0,
     ),
     "no-guidance-scalar-temperature": dict(
-        prompt=["a dog", ""], guidance_scale=1.0, temperature=3.0, num_inference_steps=8,
-        micro_conditioning_aesthetic_score=5, micro_conditioning_crop_coord=(4, 8),
+        prompt=["a dog", ""],
+        guidance_scale=1.0,
+        temperature=3.0,
+        num_inference_steps=8,
+        micro_conditioning_aesthetic_score=5,
+        micro_conditioning_crop_coord=(4, 8),
     ),
 }
 
@@ -82,7 +88,9 @@ def test_prompt_embeddings_with_negative_embeddings_match_reference(ours, refere
     pipe, ref = ours("tiny-256"), reference("tiny-256")
     pe, ehs = pipe.encode_prompt(["a cat", "a dog"])
     npe, nehs = pipe.encode_prompt(["ugly", "dark"])
-    emb = dict(prompt_embeds=pe, encoder_hidden_states=ehs, negative_prompt_embeds=npe, negative_encoder_hidden_states=nehs)
+    emb = dict(
+        prompt_embeds=pe, encoder_hidden_states=ehs, negative_prompt_embeds=npe, negative_encoder_hidden_states=nehs
+    )
     assert_same(run_ours(pipe, 1, **emb), run_reference(ref, 1, **emb))
 
 
@@ -98,7 +106,9 @@ def test_prompt_embeddings_without_negative_ones_use_the_empty_negative_prompt(o
 def test_a_single_negative_prompt_applies_to_every_prompt(ours):
     pipe = ours("tiny-256")
     one = run_ours(pipe, 4, prompt=["a cat", "a dog"], negative_prompt="blurry", num_inference_steps=FEW_STEPS)
-    each = run_ours(pipe, 4, prompt=["a cat", "a dog"], negative_prompt=["blurry", "blurry"], num_inference_steps=FEW_STEPS)
+    each = run_ours(
+        pipe, 4, prompt=["a cat", "a dog"], negative_prompt=["blurry", "blurry"], num_inference_steps=FEW_STEPS
+    )
     assert torch.equal(one[0], each[0])
 
 
@@ -136,14 +146,21 @@ def test_output_types(ours):
     pil = pipe(generator=torch.Generator().manual_seed(0), **common)
     assert ids.shape == (2, 8, 8) and ids.dtype == torch.long and int(ids.max()) < pipe.transformer.config.codebook_size
     assert arr.shape == (2, 32, 32, 3) and arr.dtype == np.float32 and arr.min() >= 0 and arr.max() <= 1
-    assert len(pil) == 2 and all(isinstance(im, PIL.Image.Image) and im.size == (32, 32) and im.mode == "RGB" for im in pil)
+    assert len(pil) == 2 and all(
+        isinstance(im, PIL.Image.Image) and im.size == (32, 32) and im.mode == "RGB" for im in pil
+    )
     assert np.array_equal(np.asarray(pil[1]), (arr[1] * 255).round().astype(np.uint8))
 
 
 def test_callback_sees_every_step(ours):
     seen = []
-    ours("tiny-256")("a cat", num_inference_steps=5, output_type="latent", progress_bar=False,
-                     callback=lambda step, t, tokens: seen.append((step, t, int((tokens == 71).sum()))))
+    ours("tiny-256")(
+        "a cat",
+        num_inference_steps=5,
+        output_type="latent",
+        progress_bar=False,
+        callback=lambda step, t, tokens: seen.append((step, t, int((tokens == 71).sum()))),
+    )
     assert [s for s, _, _ in seen] == [0, 1, 2, 3, 4] and [t for _, t, _ in seen] == [4, 3, 2, 1, 0]
     assert seen[-1][2] == 0 and all(a[2] > b[2] for a, b in zip(seen, seen[1:]))
 
@@ -166,8 +183,13 @@ def test_knobs_change_the_result(ours, knob):
 
 def test_half_precision_runs(published_dirs):
     pipe = Pipeline.from_pretrained(str(published_dirs("tiny-256")), dtype=torch.bfloat16)
-    out = pipe("a cat", num_inference_steps=FEW_STEPS, output_type="np", progress_bar=False,
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a cat",
+        num_inference_steps=FEW_STEPS,
+        output_type="np",
+        progress_bar=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all() and out.std() > 0.05
 
 
@@ -178,17 +200,29 @@ BAD = {
     "empty prompt list": (dict(prompt=[]), "empty"),
     "mismatched negatives": (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "negative prompts"),
     "no prompt": (dict(), "exactly one of"),
-    "prompt and embeddings": (dict(prompt="a", prompt_embeds=torch.zeros(1, 32), encoder_hidden_states=torch.zeros(1, 77, 32)), "exactly one of"),
+    "prompt and embeddings": (
+        dict(prompt="a", prompt_embeds=torch.zeros(1, 32), encoder_hidden_states=torch.zeros(1, 77, 32)),
+        "exactly one of",
+    ),
     "half the embeddings": (dict(prompt_embeds=torch.zeros(1, 32)), "both"),
     "mismatched embedding rows": (
-        dict(prompt_embeds=torch.zeros(2, 32), encoder_hidden_states=torch.zeros(2, 77, 32),
-             negative_prompt_embeds=torch.zeros(1, 32), negative_encoder_hidden_states=torch.zeros(1, 77, 32)), "rows"),
+        dict(
+            prompt_embeds=torch.zeros(2, 32),
+            encoder_hidden_states=torch.zeros(2, 77, 32),
+            negative_prompt_embeds=torch.zeros(1, 32),
+            negative_encoder_hidden_states=torch.zeros(1, 77, 32),
+        ),
+        "rows",
+    ),
     "zero steps": (dict(prompt="a", num_inference_steps=0), "num_inference_steps"),
     "height off the grid": (dict(prompt="a", height=30), "multiple of 4"),
     "odd grid for a downsampling model": (dict(prompt="a", height=36, kind="tiny-512"), "multiples of 2"),
     "unknown output type": (dict(prompt="a", output_type="tensor"), "output_type"),
     "unknown option": (dict(prompt="a", num_steps=3), "unknown argument"),
-    "wrong number of generators": (dict(prompt="a", num_images_per_prompt=2, generator=[torch.Generator()]), "generators"),
+    "wrong number of generators": (
+        dict(prompt="a", num_images_per_prompt=2, generator=[torch.Generator()]),
+        "generators",
+    ),
 }
 
 

@@ -24,7 +24,9 @@ def make_pipe(c, **kwargs) -> Pipeline:
 
 
 def latents(pipe, seed=0, **kwargs):
-    return pipe(PROMPTS, generator=torch.Generator().manual_seed(seed), output_type="latent", progress_bar=False, **kwargs)
+    return pipe(
+        PROMPTS, generator=torch.Generator().manual_seed(seed), output_type="latent", progress_bar=False, **kwargs
+    )
 
 
 # --- sampling defaults declared by a model -------------------------------------------------------------------------

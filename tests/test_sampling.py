@@ -49,7 +49,14 @@ def our_counts(schedule: str, seq_len: int, num_steps: int = 12) -> list[int]:
     for i in range(num_steps):
         logits = torch.randn(1, K, seq_len, generator=g).permute(0, 2, 1)
         tokens, _ = sampling.decode_step(
-            logits, tokens, i, num_steps, mask_token_id=MASK_ID, schedule=schedule, remask_temperature=temps[i], generator=g
+            logits,
+            tokens,
+            i,
+            num_steps,
+            mask_token_id=MASK_ID,
+            schedule=schedule,
+            remask_temperature=temps[i],
+            generator=g,
         )
         counts.append(int((tokens == MASK_ID).sum()))
     return counts
@@ -110,7 +117,9 @@ def test_bad_schedule_names_are_refused(bad):
 
 @pytest.mark.parametrize("temperature", [(2, 0), (5, 1), 3.0])
 def test_remask_temperatures_match_reference(temperature):
-    assert torch.equal(sampling.remask_temperatures(12, temperature), reference_scheduler(temperature=temperature).temperatures)
+    assert torch.equal(
+        sampling.remask_temperatures(12, temperature), reference_scheduler(temperature=temperature).temperatures
+    )
 
 
 # --- the decoding step --------------------------------------------------------------------------------------------
@@ -133,8 +142,15 @@ def test_decode_step_matches_reference_step(schedule, step, starting_mask_ratio)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     theirs = ref.step(logits, ref.timesteps[step], tokens, starting_mask_ratio=starting_mask_ratio, generator=g1)
     ours, predicted = sampling.decode_step(
-        logits, tokens, step, 12, mask_token_id=MASK_ID, schedule=schedule,
-        remask_temperature=sampling.remask_temperatures(12)[step], generator=g2, starting_mask_ratio=starting_mask_ratio,
+        logits,
+        tokens,
+        step,
+        12,
+        mask_token_id=MASK_ID,
+        schedule=schedule,
+        remask_temperature=sampling.remask_temperatures(12)[step],
+        generator=g2,
+        starting_mask_ratio=starting_mask_ratio,
     )
     assert torch.equal(ours, theirs.prev_sample)
     assert torch.equal(predicted, theirs.pred_original_sample)
@@ -144,14 +160,17 @@ def test_decode_step_matches_reference_step(schedule, step, starting_mask_ratio)
 def test_decode_step_keeps_known_tokens():
     logits, tokens = random_case()
     known = tokens != MASK_ID
-    out, _ = sampling.decode_step(logits, tokens, 3, 12, mask_token_id=MASK_ID, remask_temperature=2.0,
-                                  generator=torch.Generator().manual_seed(0))
+    out, _ = sampling.decode_step(
+        logits, tokens, 3, 12, mask_token_id=MASK_ID, remask_temperature=2.0, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(out[known], tokens[known])
 
 
 def test_last_step_unmasks_everything():
     logits, tokens = random_case()
-    out, predicted = sampling.decode_step(logits, tokens, 11, 12, mask_token_id=MASK_ID, generator=torch.Generator().manual_seed(0))
+    out, predicted = sampling.decode_step(
+        logits, tokens, 11, 12, mask_token_id=MASK_ID, generator=torch.Generator().manual_seed(0)
+    )
     assert not (out == MASK_ID).any() and torch.equal(out, predicted)
 
 
@@ -178,10 +197,17 @@ def test_a_list_of_generators_gives_each_sample_its_own_stream():
     logits, tokens = random_case(batch=3)
     temps = sampling.remask_temperatures(12)
     gens = [torch.Generator().manual_seed(s) for s in (10, 11, 12)]
-    batch, _ = sampling.decode_step(logits, tokens, 2, 12, mask_token_id=MASK_ID, remask_temperature=temps[2], generator=gens)
+    batch, _ = sampling.decode_step(
+        logits, tokens, 2, 12, mask_token_id=MASK_ID, remask_temperature=temps[2], generator=gens
+    )
     for b, seed in enumerate((10, 11, 12)):
         single, _ = sampling.decode_step(
-            logits[b : b + 1], tokens[b : b + 1], 2, 12, mask_token_id=MASK_ID, remask_temperature=temps[2],
+            logits[b : b + 1],
+            tokens[b : b + 1],
+            2,
+            12,
+            mask_token_id=MASK_ID,
+            remask_temperature=temps[2],
             generator=torch.Generator().manual_seed(seed),
         )
         assert torch.equal(batch[b : b + 1], single)
@@ -190,9 +216,14 @@ def test_a_list_of_generators_gives_each_sample_its_own_stream():
 def test_random_mask_with_a_list_of_generators():
     tokens = torch.randint(0, K, (2, 8, 8))
     ratio = torch.tensor(0.5)
-    both = sampling.random_mask(tokens, ratio, MASK_ID, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    both = sampling.random_mask(
+        tokens, ratio, MASK_ID, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    )
     for b, seed in enumerate((1, 2)):
-        assert torch.equal(both[b : b + 1], sampling.random_mask(tokens[b : b + 1], ratio, MASK_ID, torch.Generator().manual_seed(seed)))
+        assert torch.equal(
+            both[b : b + 1],
+            sampling.random_mask(tokens[b : b + 1], ratio, MASK_ID, torch.Generator().manual_seed(seed)),
+        )
 
 
 def test_wrong_number_of_generators_is_refused():
@@ -213,8 +244,15 @@ def test_sampling_temperature_divides_the_logits():
 def test_low_sampling_temperature_draws_the_most_likely_code():
     logits, tokens = random_case()
     tokens[:] = MASK_ID
-    _, predicted = sampling.decode_step(logits, tokens, 11, 12, mask_token_id=MASK_ID, sampling_temperature=1e-5,
-                                        generator=torch.Generator().manual_seed(0))
+    _, predicted = sampling.decode_step(
+        logits,
+        tokens,
+        11,
+        12,
+        mask_token_id=MASK_ID,
+        sampling_temperature=1e-5,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(predicted, logits.argmax(-1))
 
 
@@ -222,7 +260,9 @@ def test_remask_temperature_zero_remasks_the_least_likely_tokens():
     logits, tokens = random_case(batch=1)
     tokens[:] = MASK_ID
     g = torch.Generator().manual_seed(0)
-    out, predicted = sampling.decode_step(logits, tokens, 5, 12, mask_token_id=MASK_ID, remask_temperature=0.0, generator=g)
+    out, predicted = sampling.decode_step(
+        logits, tokens, 5, 12, mask_token_id=MASK_ID, remask_temperature=0.0, generator=g
+    )
     p = logits.softmax(-1).gather(-1, predicted[..., None])[..., 0]
     remasked = out == MASK_ID
     assert remasked.any() and bool(p[remasked].max() <= p[~remasked].min())

@@ -57,9 +57,15 @@ def test_image_format():
 
 def test_simple_and_rich_captions():
     assert caption("red", "circle", "blue") == "a red circle on a blue background"
-    assert caption("red", "circle", "blue", "small", "top left") == "a small red circle at the top left on a blue background"
+    assert (
+        caption("red", "circle", "blue", "small", "top left")
+        == "a small red circle at the top left on a blue background"
+    )
     assert caption("orange", "square", "blue").startswith("an orange square")  # article follows the first word
-    assert caption("white", "triangle", "orange", position="center") == "a white triangle in the center on an orange background"
+    assert (
+        caption("white", "triangle", "orange", position="center")
+        == "a white triangle in the center on an orange background"
+    )
 
 
 def test_captions_state_the_scene():
@@ -84,10 +90,16 @@ def test_heldout_triples_never_appear_in_training():
     assert HELDOUT and set(HELDOUT).isdisjoint(TRAIN_TRIPLES)
     assert set(HELDOUT) | set(TRAIN_TRIPLES) == set(ALL_TRIPLES)
     s = sample_scenes(2000, seed=5, split="train")
-    seen = {(shapes.COLOUR_NAMES[c], shapes.COLOUR_NAMES[b], shapes.SHAPES[k]) for c, b, k in zip(s.colour, s.background, s.shape)}
+    seen = {
+        (shapes.COLOUR_NAMES[c], shapes.COLOUR_NAMES[b], shapes.SHAPES[k])
+        for c, b, k in zip(s.colour, s.background, s.shape)
+    }
     assert seen.isdisjoint(HELDOUT)
     h = sample_scenes(300, seed=5, split="heldout")
-    assert {(shapes.COLOUR_NAMES[c], shapes.COLOUR_NAMES[b], shapes.SHAPES[k]) for c, b, k in zip(h.colour, h.background, h.shape)} <= set(HELDOUT)
+    assert {
+        (shapes.COLOUR_NAMES[c], shapes.COLOUR_NAMES[b], shapes.SHAPES[k])
+        for c, b, k in zip(h.colour, h.background, h.shape)
+    } <= set(HELDOUT)
 
 
 def test_heldout_combinations_are_made_of_parts_seen_in_training():
@@ -216,4 +228,3 @@ def test_judge_refuses_bad_input():
         judge_one(torch.zeros(64, 64))
     with pytest.raises(ValueError, match="unknown attributes"):
         score({"texture": "smooth"}, judge_one(render(sample_scenes(1, seed=0))[0]))
-

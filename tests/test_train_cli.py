@@ -67,12 +67,36 @@ def test_style_recipe_end_to_end(tmp_path, published_dirs):
     Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "out"
     common = [
-        "--pretrained_model_name_or_path", base, "--use_lora", "--train_batch_size", "2", "--lr_scheduler", "constant",
-        "--mixed_precision", "fp16",
-        "--learning_rate", "0.00003", "--resolution", "32", "--checkpointing_steps", "2", "--validation_steps", "2",
-        "--gradient_checkpointing", "--output_dir", str(out), "--checkpoints_total_limit", "1",
-        "--validation_prompts", "A chihuahua walking on the street in [V] style", "--validation_inference_steps", "2",
-        "--device", "cpu", "--seed", "0",
+        "--pretrained_model_name_or_path",
+        base,
+        "--use_lora",
+        "--train_batch_size",
+        "2",
+        "--lr_scheduler",
+        "constant",
+        "--mixed_precision",
+        "fp16",
+        "--learning_rate",
+        "0.00003",
+        "--resolution",
+        "32",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "2",
+        "--gradient_checkpointing",
+        "--output_dir",
+        str(out),
+        "--checkpoints_total_limit",
+        "1",
+        "--validation_prompts",
+        "A chihuahua walking on the street in [V] style",
+        "--validation_inference_steps",
+        "2",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
     ]
     step1 = ["--instance_data_image", str(image), "--max_train_steps", "2", "--report_to", "wandb"]
     run_muse(["train", *common, *step1], WANDB_MODE="offline")
@@ -82,17 +106,36 @@ def test_style_recipe_end_to_end(tmp_path, published_dirs):
     assert [s for s, _ in checkpoint.checkpoints(out)] == [2]
 
     candidates = tmp_path / "candidates"
-    run_here("train.generate_images", [
-        "--pretrained_model_name_or_path", base, "--write_images_to", str(candidates), "--load_transformer_lora_from",
-        str(out), "--device", "cpu", "--num_inference_steps", "2", "--prompts", "A tabby cat in [V] style", "A church in [V] style",
-    ])
+    run_here(
+        "train.generate_images",
+        [
+            "--pretrained_model_name_or_path",
+            base,
+            "--write_images_to",
+            str(candidates),
+            "--load_transformer_lora_from",
+            str(out),
+            "--device",
+            "cpu",
+            "--num_inference_steps",
+            "2",
+            "--prompts",
+            "A tabby cat in [V] style",
+            "A church in [V] style",
+        ],
+    )
     assert sorted(p.name for p in candidates.iterdir()) == ["A church in [V] style.png", "A tabby cat in [V] style.png"]
 
     folder = tmp_path / "chosen"
     folder.mkdir()
     for p in candidates.iterdir():
         p.rename(folder / p.name)
-    assert muse_main(["train", *common, "--instance_data_dir", str(folder), "--resume_from", "latest", "--max_train_steps", "4"]) == 0
+    assert (
+        muse_main(
+            ["train", *common, "--instance_data_dir", str(folder), "--resume_from", "latest", "--max_train_steps", "4"]
+        )
+        == 0
+    )
     assert "resumed from" in (out / "logs/train.log").read_text()
     assert [s for s, _ in checkpoint.checkpoints(out)] == [4]  # at most 1 kept
 
@@ -104,10 +147,44 @@ def test_generate_images_with_a_fully_trained_transformer(tmp_path, published_di
     images.mkdir()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / "a cube.png")
     out = tmp_path / "out"
-    assert muse_main(["train", "--pretrained_model_name_or_path", base, "--instance_data_dir", str(images), "--resolution", "32",
-                  "--train_batch_size", "1", "--max_train_steps", "1", "--output_dir", str(out), "--device", "cpu"]) == 0
+    assert (
+        muse_main(
+            [
+                "train",
+                "--pretrained_model_name_or_path",
+                base,
+                "--instance_data_dir",
+                str(images),
+                "--resolution",
+                "32",
+                "--train_batch_size",
+                "1",
+                "--max_train_steps",
+                "1",
+                "--output_dir",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (out / "transformer/config.json").is_file()
-    run_here("train.generate_images", ["--pretrained_model_name_or_path", base, "--write_images_to", str(tmp_path / "gen"),
-                                  "--load_transformer_from", str(out), "--device", "cpu", "--num_inference_steps", "2",
-                                  "--prompts", "a cube"])
+    run_here(
+        "train.generate_images",
+        [
+            "--pretrained_model_name_or_path",
+            base,
+            "--write_images_to",
+            str(tmp_path / "gen"),
+            "--load_transformer_from",
+            str(out),
+            "--device",
+            "cpu",
+            "--num_inference_steps",
+            "2",
+            "--prompts",
+            "a cube",
+        ],
+    )
     assert (tmp_path / "gen" / "a cube.png").is_file()

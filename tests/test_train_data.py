@@ -107,7 +107,9 @@ def test_hf_dataset_from_local_path_with_prefix_and_a_broken_row(tmp_path, folde
         {"image": [{"bytes": good, "path": None}, {"bytes": b"garbage", "path": None}], "text": ["cube", "nothing"]}
     ).cast_column("image", datasets.Image())
     ds.save_to_disk(str(tmp_path / "hf"))
-    cfg = TrainConfig(instance_data_dataset=str(tmp_path / "hf"), image_key="image", prompt_key="text", prompt_prefix="minecraft ")
+    cfg = TrainConfig(
+        instance_data_dataset=str(tmp_path / "hf"), image_key="image", prompt_key="text", prompt_prefix="minecraft "
+    )
     src = build_source(cfg)
     assert isinstance(src, HFDatasetSource) and len(src) == 2
     assert src.prompt(0) == "minecraft cube"
@@ -155,7 +157,9 @@ def test_pre_encoded_cache_holds_what_the_models_compute(tmp_path, folder):
         return c.encoder_hidden_states, c.prompt_embeds
 
     ds = ImageDataset(ImageFolderSource(folder), 32, seed=3)
-    pre_encode(ds, tmp_path / "cache", vq, encode, fingerprint="x", batch_size=2, store_dtype=torch.float32, progress=False)
+    pre_encode(
+        ds, tmp_path / "cache", vq, encode, fingerprint="x", batch_size=2, store_dtype=torch.float32, progress=False
+    )
     cache = PreEncodedDataset(tmp_path / "cache")
     assert len(cache) == 3  # the broken image is left out
     readable = [i for i in range(len(ds)) if not ds.source.name(i).endswith("broken.png")]

@@ -60,8 +60,15 @@ def make_images(folder: Path, prompts=PROMPTS, broken: bool = False) -> Path:
 
 def config(tmp_path: Path, images: Path, **overrides) -> TrainConfig:
     base = dict(
-        instance_data_dir=str(images), resolution=32, train_batch_size=4, learning_rate=1e-2, seed=0,
-        output_dir=str(tmp_path / "out"), logging_steps=1000, checkpointing_steps=1000, max_train_steps=4,
+        instance_data_dir=str(images),
+        resolution=32,
+        train_batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        output_dir=str(tmp_path / "out"),
+        logging_steps=1000,
+        checkpointing_steps=1000,
+        max_train_steps=4,
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -90,7 +97,9 @@ def test_dataloader_workers_change_nothing(tmp_path, tokenizer):
     """Crops are seeded per sample position, not per worker: 2 workers train exactly as the main process alone."""
     images = make_images(tmp_path / "img")
     alone = train(config(tmp_path / "a", images, max_train_steps=3), tiny_components(tokenizer))
-    workers = train(config(tmp_path / "b", images, max_train_steps=3, dataloader_num_workers=2), tiny_components(tokenizer))
+    workers = train(
+        config(tmp_path / "b", images, max_train_steps=3, dataloader_num_workers=2), tiny_components(tokenizer)
+    )
     assert workers.losses == alone.losses
 
 
@@ -118,26 +127,55 @@ def _assert_same(a, b, where=""):
     "recipe",
     [
         # full fine-tune: accumulation, clipping, EMA, warm-up across the resume point, dropout of the conditioning
-        dict(gradient_accumulation_steps=2, max_grad_norm=1.0, use_ema=True, lr_scheduler="constant_with_warmup",
-             lr_warmup_steps=4, cond_dropout_prob=0.3, rect_mask_prob=0.3, label_smoothing=0.1),
+        dict(
+            gradient_accumulation_steps=2,
+            max_grad_norm=1.0,
+            use_ema=True,
+            lr_scheduler="constant_with_warmup",
+            lr_warmup_steps=4,
+            cond_dropout_prob=0.3,
+            rect_mask_prob=0.3,
+            label_smoothing=0.1,
+        ),
         # LoRA in fp16 autocast with the grad scaler, LoRA dropout (torch RNG), cosine schedule
-        dict(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.1, mixed_precision="fp16", lr_scheduler="cosine",
-             lr_warmup_steps=2, learning_rate=1e-3),
+        dict(
+            use_lora=True,
+            lora_r=4,
+            lora_alpha=8,
+            lora_dropout=0.1,
+            mixed_precision="fp16",
+            lr_scheduler="cosine",
+            lr_warmup_steps=2,
+            learning_rate=1e-3,
+        ),
         # 8-bit AdamW states (bitsandbytes) in bf16 autocast
         dict(use_8bit_adam=True, mixed_precision="bf16", learning_rate=3e-3),
         # LoRA on the U-ViT and on the text encoder, which then encodes the empty prompt with every batch
-        dict(use_lora=True, lora_r=2, train_text_encoder=True, text_encoder_use_lora=True, text_encoder_lora_r=2,
-             cond_dropout_prob=0.5, use_ema=True),
+        dict(
+            use_lora=True,
+            lora_r=2,
+            train_text_encoder=True,
+            text_encoder_use_lora=True,
+            text_encoder_lora_r=2,
+            cond_dropout_prob=0.5,
+            use_ema=True,
+        ),
     ],
     ids=["full", "lora-fp16", "8bit-bf16", "text-encoder-lora"],
 )
 def test_resume_continues_exactly(tmp_path, tokenizer, recipe):
     """6 steps straight == 3 steps, then a new process-like run (fresh models) resumed from the checkpoint for 3."""
     images = make_images(tmp_path / "img")
-    straight = train(config(tmp_path / "a", images, max_train_steps=6, checkpointing_steps=3, **recipe), tiny_components(tokenizer))
-    first = train(config(tmp_path / "b", images, max_train_steps=3, checkpointing_steps=3, **recipe), tiny_components(tokenizer))
+    straight = train(
+        config(tmp_path / "a", images, max_train_steps=6, checkpointing_steps=3, **recipe), tiny_components(tokenizer)
+    )
+    first = train(
+        config(tmp_path / "b", images, max_train_steps=3, checkpointing_steps=3, **recipe), tiny_components(tokenizer)
+    )
     second = train(
-        config(tmp_path / "b", images, max_train_steps=6, checkpointing_steps=3, resume_from_checkpoint="latest", **recipe),
+        config(
+            tmp_path / "b", images, max_train_steps=6, checkpointing_steps=3, resume_from_checkpoint="latest", **recipe
+        ),
         tiny_components(tokenizer),
     )
     assert first.losses + second.losses == straight.losses  # bit for bit
@@ -150,7 +188,10 @@ def test_resume_without_a_seed_keeps_the_runs_seed(tmp_path, tokenizer):
     images = make_images(tmp_path / "img")
     straight = train(config(tmp_path / "a", images, max_train_steps=4, seed=5), tiny_components(tokenizer))
     train(config(tmp_path / "b", images, max_train_steps=2, checkpointing_steps=2, seed=5), tiny_components(tokenizer))
-    resumed = train(config(tmp_path / "b", images, max_train_steps=4, seed=None, resume_from_checkpoint="latest"), tiny_components(tokenizer))
+    resumed = train(
+        config(tmp_path / "b", images, max_train_steps=4, seed=None, resume_from_checkpoint="latest"),
+        tiny_components(tokenizer),
+    )
     assert resumed.losses == straight.losses[2:]
 
 
@@ -183,7 +224,10 @@ def test_save_killed_mid_write_leaves_resume_on_the_previous_checkpoint(tmp_path
     marker = tmp_path / "saving"
     child = subprocess.Popen(
         [sys.executable, "-c", CRASHING_CHILD, str(tmp_path / "crash"), str(images), str(marker)],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.time() + 240
@@ -203,15 +247,28 @@ def test_save_killed_mid_write_leaves_resume_on_the_previous_checkpoint(tmp_path
     with pytest.raises(FileNotFoundError):
         checkpoint.resolve(out, "checkpoint-4")
 
-    resumed = train(config(tmp_path / "crash", images, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"), tiny_components(tokenizer))
-    straight = train(config(tmp_path / "ok", images, max_train_steps=4, checkpointing_steps=2), tiny_components(tokenizer))
+    resumed = train(
+        config(tmp_path / "crash", images, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"),
+        tiny_components(tokenizer),
+    )
+    straight = train(
+        config(tmp_path / "ok", images, max_train_steps=4, checkpointing_steps=2), tiny_components(tokenizer)
+    )
     assert resumed.losses == straight.losses[2:]
     _assert_same(_checkpoint_files(out / "checkpoint-4"), _checkpoint_files(tmp_path / "ok/out/checkpoint-4"))
     assert not any(p.name.startswith(checkpoint.TMP_PREFIX) for p in out.iterdir())  # cleaned by the next save
 
 
 def test_checkpoints_total_limit_keeps_the_newest(tmp_path, tokenizer):
-    cfg = config(tmp_path, make_images(tmp_path / "img"), max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2, use_lora=True, lora_r=2)
+    cfg = config(
+        tmp_path,
+        make_images(tmp_path / "img"),
+        max_train_steps=5,
+        checkpointing_steps=1,
+        checkpoints_total_limit=2,
+        use_lora=True,
+        lora_r=2,
+    )
     train(cfg, tiny_components(tokenizer))
     assert [s for s, _ in checkpoint.checkpoints(tmp_path / "out")] == [4, 5]
 
@@ -241,7 +298,9 @@ def test_dropout_probability_one_trains_exactly_as_empty_prompts(tmp_path, token
     empty_captions = tmp_path / "empty.jsonl"
     empty_captions.write_text("".join(f'{{"file_name": "{p}.png", "text": ""}}\n' for p in PROMPTS))
     all_dropped = train(config(tmp_path / "a", images, cond_dropout_prob=1.0), tiny_components(tokenizer))
-    empty_prompts = train(config(tmp_path / "b", images, instance_data_metadata=str(empty_captions)), tiny_components(tokenizer))
+    empty_prompts = train(
+        config(tmp_path / "b", images, instance_data_metadata=str(empty_captions)), tiny_components(tokenizer)
+    )
     none_dropped = train(config(tmp_path / "c", images, cond_dropout_prob=0.0), tiny_components(tokenizer))
     # equal up to the ulps by which encoding "" once (batch 1) and four times (batch 4) differ in fp32
     np.testing.assert_allclose(all_dropped.losses, empty_prompts.losses, atol=1e-4, rtol=0)
@@ -257,8 +316,18 @@ def test_training_the_text_encoder(tmp_path, tokenizer, te_lora):
     images = make_images(tmp_path / "img")
     comps = tiny_components(tokenizer)
     before = {n: p.detach().clone() for n, p in comps.text_encoder.named_parameters()}
-    cfg = config(tmp_path, images, use_lora=True, lora_r=2, train_text_encoder=True, text_encoder_use_lora=te_lora,
-                 text_encoder_lora_r=2, cond_dropout_prob=0.5, max_train_steps=3, learning_rate=1e-2)
+    cfg = config(
+        tmp_path,
+        images,
+        use_lora=True,
+        lora_r=2,
+        train_text_encoder=True,
+        text_encoder_use_lora=te_lora,
+        text_encoder_lora_r=2,
+        cond_dropout_prob=0.5,
+        max_train_steps=3,
+        learning_rate=1e-2,
+    )
     train(cfg, comps)
     after = dict(comps.text_encoder.named_parameters())
     if te_lora:
@@ -281,7 +350,9 @@ def test_8bit_adamw_on_cpu_lowers_the_loss(tmp_path, tokenizer):
     assert last < first / 1.8, (first, last)
     state = checkpoint.load_torch(tmp_path / "out/checkpoint-40/optimizer.pt")["state"]
     quantized = [s["__bnb_optimizer_quant_state__"] for s in state.values()]  # bitsandbytes' state layout
-    assert any(q["state1"].dtype == torch.uint8 and q["state2"].dtype == torch.uint8 for q in quantized)  # 8-bit moments
+    assert any(
+        q["state1"].dtype == torch.uint8 and q["state2"].dtype == torch.uint8 for q in quantized
+    )  # 8-bit moments
     assert bnb.__version__
 
 
@@ -293,12 +364,25 @@ def test_training_from_a_pre_encoded_cache_frees_the_encoders(tmp_path, tokenize
     assert sum(result.losses[-5:]) / 5 < result.losses[0] / 1.5
     cache = tmp_path / "out/pre_encoded/pre_encoded.safetensors"
     stamp = cache.stat().st_mtime_ns
-    train(config(tmp_path, images, pre_encode=True, max_train_steps=31, resume_from_checkpoint="latest"), tiny_components(tokenizer))
+    train(
+        config(tmp_path, images, pre_encode=True, max_train_steps=31, resume_from_checkpoint="latest"),
+        tiny_components(tokenizer),
+    )
     assert cache.stat().st_mtime_ns == stamp  # same model, data and resolution: the cache is reused
     # with validation prompts the encoders are kept (off the training device) for the validation images
     comps = tiny_components(tokenizer)
-    train(config(tmp_path / "v", images, pre_encode=True, max_train_steps=1, validation_prompts=["a red cube"],
-                 validation_steps=1, validation_inference_steps=2), comps)
+    train(
+        config(
+            tmp_path / "v",
+            images,
+            pre_encode=True,
+            max_train_steps=1,
+            validation_prompts=["a red cube"],
+            validation_steps=1,
+            validation_inference_steps=2,
+        ),
+        comps,
+    )
     assert comps.vqvae is not None and (tmp_path / "v/out/validation/step-1/00.png").is_file()
 
 

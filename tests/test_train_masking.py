@@ -89,5 +89,7 @@ def test_global_masks_split_into_the_same_rows(world):
     cfg = MaskingConfig(min_masking_rate=0.1, rect_mask_prob=0.3)
     whole = draw_masks(8, 4, 4, cfg, torch.Generator().manual_seed(5))
     per = 8 // world
-    parts = [draw_masks(8, 4, 4, cfg, torch.Generator().manual_seed(5)).rows(r * per, (r + 1) * per) for r in range(world)]
+    parts = [
+        draw_masks(8, 4, 4, cfg, torch.Generator().manual_seed(5)).rows(r * per, (r + 1) * per) for r in range(world)
+    ]
     assert torch.equal(torch.cat([p.mask for p in parts]), whole.mask)

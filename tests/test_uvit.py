@@ -43,8 +43,12 @@ def uvit_inputs(cfg: UViTConfig, batch: int, grid: tuple[int, int], text_len: in
     text = torch.randn(batch, text_len, cfg.encoder_hidden_size, generator=g)
     pooled = torch.randn(batch, cfg.cond_embed_dim, generator=g)
     micro = torch.cat(
-        [torch.randint(256, 1025, (batch, 2), generator=g), torch.randint(0, 64, (batch, 2), generator=g),
-         torch.randint(4, 8, (batch, 1), generator=g)], dim=1,
+        [
+            torch.randint(256, 1025, (batch, 2), generator=g),
+            torch.randint(0, 64, (batch, 2), generator=g),
+            torch.randint(4, 8, (batch, 1), generator=g),
+        ],
+        dim=1,
     ).float()
     return ids, text, pooled, micro
 
@@ -145,7 +149,9 @@ def test_prepared_conditioning_gives_the_same_logits(reference_pipelines, kind):
         cond = ours.prepare(text, pooled, micro)
         assert torch.equal(ours.forward_prepared(ids, cond), ours.forward_channels_last(ids, text, pooled, micro))
         other_ids = uvit_inputs(ours.config, 2, (4, 6), 7, seed=1)[0]
-        assert torch.equal(ours.forward_prepared(other_ids, cond), ours.forward_channels_last(other_ids, text, pooled, micro))
+        assert torch.equal(
+            ours.forward_prepared(other_ids, cond), ours.forward_channels_last(other_ids, text, pooled, micro)
+        )
 
 
 def test_prepared_conditioning_for_other_rows_raises(tiny_512):

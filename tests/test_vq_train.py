@@ -29,7 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 def tiny_vq(seed: int = 0) -> VQGAN:
     """Two levels of 8 and 16 channels (factor 2), 32 codes of 4: small enough to train for a few steps in a test."""
     torch.manual_seed(seed)
-    return VQGAN(VQGANConfig.tiny(block_out_channels=(8, 16), norm_num_groups=4, num_vq_embeddings=32, latent_channels=4))
+    return VQGAN(
+        VQGANConfig.tiny(block_out_channels=(8, 16), norm_num_groups=4, num_vq_embeddings=32, latent_channels=4)
+    )
 
 
 # --- quantizer: straight-through estimator and the two VQ losses ------------------------------------------------------

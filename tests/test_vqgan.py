@@ -124,7 +124,9 @@ def test_quantizer_is_straight_through(reference_pipelines):
     incoming gradient, unchanged."""
     ref = reference_pipelines("tiny-256").vqvae
     quantizer = vqgan_from_diffusers(dict(ref.config), ref.state_dict()).quantizer
-    z = torch.randn(2, quantizer.codebook.embedding_dim, 3, 5, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    z = torch.randn(
+        2, quantizer.codebook.embedding_dim, 3, 5, generator=torch.Generator().manual_seed(3), requires_grad=True
+    )
     out = quantizer(z)
     upstream = torch.randn(out.quantized.shape, generator=torch.Generator().manual_seed(4))
     (grad_z,) = torch.autograd.grad((out.quantized * upstream).sum(), z)
@@ -244,6 +246,7 @@ def test_fp16_decode_stays_finite_where_reference_overflows():
         def hook(module, args, out):
             finite_in = all(torch.isfinite(a).all().item() for a in args if isinstance(a, torch.Tensor))
             trace.append((name, type(module).__name__, finite_in, torch.isfinite(out).all().item()))
+
         return hook
 
     for name, module in ref16.decoder.named_modules():
@@ -278,7 +281,9 @@ def tiny() -> VQGAN:
 @pytest.mark.parametrize("size", [(30, 32), (32, 18)])
 def test_image_side_not_multiple_of_factor_raises(tiny, size):
     h, w = size
-    with pytest.raises(ValueError, match=rf"image size {h}x{w} is not a multiple of the VQ-GAN's downsampling factor 4"):
+    with pytest.raises(
+        ValueError, match=rf"image size {h}x{w} is not a multiple of the VQ-GAN's downsampling factor 4"
+    ):
         tiny.encode(torch.rand(1, 3, h, w))
 
 

@@ -29,24 +29,44 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog=prog, description="Fine-tune the aMUSEd U-ViT (full, 8-bit Adam or LoRA).")
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="published folder, hub id or one of our folders")
+    g.add_argument(
+        "--pretrained_model_name_or_path", required=True, help="published folder, hub id or one of our folders"
+    )
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
     g = p.add_argument_group("data (exactly one of the three sources)")
     g.add_argument("--instance_data_dataset", default=None, help="Hugging Face dataset name or local path")
     g.add_argument("--instance_data_dir", default=None, help="folder of images; prompt = file name without extension")
     g.add_argument("--instance_data_image", default=None, help="a single image (style training)")
-    g.add_argument("--instance_data_metadata", default=None, help="(ours) captions for --instance_data_dir: .jsonl/.csv with file_name and the prompt column")
-    g.add_argument("--skip_invalid_metadata", action="store_true", help="(ours) skip metadata rows that are unparsable, "
-                   "name no image or lack a string caption (each is logged and counted) instead of stopping")
+    g.add_argument(
+        "--instance_data_metadata",
+        default=None,
+        help="(ours) captions for --instance_data_dir: .jsonl/.csv with file_name and the prompt column",
+    )
+    g.add_argument(
+        "--skip_invalid_metadata",
+        action="store_true",
+        help="(ours) skip metadata rows that are unparsable, "
+        "name no image or lack a string caption (each is logged and counted) instead of stopping",
+    )
     g.add_argument("--image_key", default=None)
     g.add_argument("--prompt_key", default=None)
     g.add_argument("--prompt_prefix", default=None)
     g.add_argument("--resolution", type=int, default=d.resolution)
     g.add_argument("--dataloader_num_workers", type=int, default=d.dataloader_num_workers)
-    g.add_argument("--split_vae_encode", type=int, default=None, help="VQ-encode the batch in chunks of this many images")
-    g.add_argument("--pre_encode", action="store_true", help="(ours) encode the data once to VQ tokens and text embeddings; the VQ-GAN and text encoder are then freed")
-    g.add_argument("--pre_encoded_dir", default=None, help="(ours) where the pre-encoded cache lives (default <output_dir>/pre_encoded)")
+    g.add_argument(
+        "--split_vae_encode", type=int, default=None, help="VQ-encode the batch in chunks of this many images"
+    )
+    g.add_argument(
+        "--pre_encode",
+        action="store_true",
+        help="(ours) encode the data once to VQ tokens and text embeddings; the VQ-GAN and text encoder are then freed",
+    )
+    g.add_argument(
+        "--pre_encoded_dir",
+        default=None,
+        help="(ours) where the pre-encoded cache lives (default <output_dir>/pre_encoded)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--logging_dir", default=d.logging_dir)
@@ -57,14 +77,27 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     g.add_argument("--logging_steps", type=int, default=d.logging_steps)
     g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps)
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", "--resume_from", dest="resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    g.add_argument(
+        "--resume_from_checkpoint",
+        "--resume_from",
+        dest="resume_from_checkpoint",
+        default=None,
+        help='"latest" or a checkpoint folder',
+    )
     g.add_argument("--validation_steps", type=int, default=d.validation_steps)
     g.add_argument("--validation_prompts", type=str, nargs="*", default=[])
     g.add_argument("--validation_inference_steps", type=int, default=d.validation_inference_steps, help="(ours)")
-    g.add_argument("--report_to", default=d.report_to, help='"wandb" to log there too (WANDB_MODE=offline works); default none')
+    g.add_argument(
+        "--report_to", default=d.report_to, help='"wandb" to log there too (WANDB_MODE=offline works); default none'
+    )
     g.add_argument("--device", default=None, help="(ours) default: cuda:<local rank> if available, else cpu")
     g.add_argument("--debug", action="store_true", help="(ours) show the traceback of an error (also MUSE_DEBUG=1)")
-    g.add_argument("--no_save_at_end", dest="save_at_end", action="store_false", help="(ours) no last checkpoint or weights at the end (benchmarks)")
+    g.add_argument(
+        "--no_save_at_end",
+        dest="save_at_end",
+        action="store_false",
+        help="(ours) no last checkpoint or weights at the end (benchmarks)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=d.learning_rate)
     g.add_argument("--scale_lr", action="store_true", help="multiply the lr by batch x processes x accumulation")
@@ -82,12 +115,22 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     g.add_argument("--use_ema", action="store_true")
     g.add_argument("--ema_decay", type=float, default=d.ema_decay)
     g.add_argument("--ema_update_after_step", type=int, default=d.ema_update_after_step)
-    g.add_argument("--ema_fixed_decay", dest="ema_warmup", action="store_false", help="(ours) use --ema_decay from the first step, no warm-up")
+    g.add_argument(
+        "--ema_fixed_decay",
+        dest="ema_warmup",
+        action="store_false",
+        help="(ours) use --ema_decay from the first step, no warm-up",
+    )
     g = p.add_argument_group("masking and conditioning")
     g.add_argument("--min_masking_rate", type=float, default=d.min_masking_rate)
     g.add_argument("--cond_dropout_prob", type=float, default=d.cond_dropout_prob)
     g.add_argument("--label_smoothing", type=float, default=d.label_smoothing, help="(ours)")
-    g.add_argument("--rect_mask_prob", type=float, default=d.rect_mask_prob, help="(ours) share of samples masked with one rectangle")
+    g.add_argument(
+        "--rect_mask_prob",
+        type=float,
+        default=d.rect_mask_prob,
+        help="(ours) share of samples masked with one rectangle",
+    )
     g = p.add_argument_group("LoRA and the text encoder")
     g.add_argument("--use_lora", action="store_true")
     g.add_argument("--lora_r", type=int, default=d.lora_r)
@@ -98,7 +141,9 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     g.add_argument("--text_encoder_use_lora", action="store_true")
     g.add_argument("--text_encoder_lora_r", type=int, default=d.text_encoder_lora_r)
     g.add_argument("--text_encoder_lora_alpha", type=float, default=d.text_encoder_lora_alpha)
-    g.add_argument("--text_encoder_lora_target_modules", type=str, nargs="+", default=list(d.text_encoder_lora_target_modules))
+    g.add_argument(
+        "--text_encoder_lora_target_modules", type=str, nargs="+", default=list(d.text_encoder_lora_target_modules)
+    )
     return p
 
 

@@ -111,7 +111,14 @@ class TrainConfig:
         problems = []
         if self.mixed_precision not in DTYPES:
             problems.append(f"mixed_precision must be one of {list(DTYPES)}, got {self.mixed_precision!r}")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps", "logging_steps", "validation_steps"):
+        for name in (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "resolution",
+            "checkpointing_steps",
+            "logging_steps",
+            "validation_steps",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
@@ -123,7 +130,9 @@ class TrainConfig:
         if self.text_encoder_use_lora and not self.train_text_encoder:
             problems.append("--text_encoder_use_lora needs --train_text_encoder")
         if self.pre_encode and self.train_text_encoder:
-            problems.append("--pre_encode stores fixed text embeddings; it cannot be combined with --train_text_encoder")
+            problems.append(
+                "--pre_encode stores fixed text embeddings; it cannot be combined with --train_text_encoder"
+            )
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             problems.append(f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
         if self.report_to not in ("none", "wandb", "all"):
@@ -142,7 +151,9 @@ class TrainConfig:
                 problems.append(f"{name} must be a finite number, got {value!r}")
             elif value < low or (low_open and value == low) or (high is not None and value > high):
                 lower = f"> {low}" if low_open else f">= {low}"
-                problems.append(f"{name} must be {lower}" + (f" and <= {high}" if high is not None else "") + f", got {value}")
+                problems.append(
+                    f"{name} must be {lower}" + (f" and <= {high}" if high is not None else "") + f", got {value}"
+                )
         return problems
 
     @property

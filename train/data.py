@@ -131,7 +131,9 @@ class ImageFolderSource(Source):
         if not self.folder.is_dir():
             raise FileNotFoundError(f"--instance_data_dir {self.folder} is not a folder")
         self.paths = sorted(
-            p for p in self.folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            p
+            for p in self.folder.iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         )
         if not self.paths:
             raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {self.folder}")
@@ -142,11 +144,17 @@ class ImageFolderSource(Source):
             log.warning("%d metadata row(s) skipped (--skip_invalid_metadata)", len(self.metadata_skipped))
         uncaptioned = [p.name for p in self.paths if p.name not in self.captions]
         if self.captions and uncaptioned:
-            log.warning("%d image(s) have no metadata row and are captioned by their file names: %s", len(uncaptioned), uncaptioned[:5])
+            log.warning(
+                "%d image(s) have no metadata row and are captioned by their file names: %s",
+                len(uncaptioned),
+                uncaptioned[:5],
+            )
 
     def _read_metadata(self, metadata, key: str) -> dict[str, str]:
         if metadata is None:
-            metadata = next((self.folder / n for n in ("metadata.jsonl", "metadata.csv") if (self.folder / n).is_file()), None)
+            metadata = next(
+                (self.folder / n for n in ("metadata.jsonl", "metadata.csv") if (self.folder / n).is_file()), None
+            )
         if metadata is None:
             return {}
         metadata = Path(metadata)
@@ -290,7 +298,9 @@ class HFDatasetSource(Source):
     """A Hugging Face dataset split. Image columns are read undecoded and decoded here, so a broken image is skipped
     instead of raising inside `datasets`."""
 
-    def __init__(self, name_or_path: str, image_key: str, prompt_key: str, prompt_prefix: str | None = None, split: str = "train"):
+    def __init__(
+        self, name_or_path: str, image_key: str, prompt_key: str, prompt_prefix: str | None = None, split: str = "train"
+    ):
         import datasets  # heavy (pyarrow, pandas): only for --instance_data_dataset
 
         self.label = name_or_path
@@ -307,7 +317,9 @@ class HFDatasetSource(Source):
         import datasets  # heavy (pyarrow, pandas): only for --instance_data_dataset
 
         path = Path(name_or_path)
-        if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        if path.is_dir() and any(
+            (path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+        ):
             ds = datasets.load_from_disk(str(path))  # a dataset saved with save_to_disk
         else:
             ds = datasets.load_dataset(name_or_path, split=split)
@@ -338,11 +350,15 @@ def build_source(cfg) -> Source:
     """The one source the config names (exactly one of the three data flags)."""
     given = [k for k in ("instance_data_dir", "instance_data_image", "instance_data_dataset") if getattr(cfg, k)]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of --instance_data_dir, --instance_data_image, --instance_data_dataset (got {given or 'none'})")
+        raise ValueError(
+            f"give exactly one of --instance_data_dir, --instance_data_image, --instance_data_dataset (got {given or 'none'})"
+        )
     if cfg.instance_data_metadata and not cfg.instance_data_dir:
         raise ValueError("--instance_data_metadata captions the images of --instance_data_dir; give that folder too")
     if cfg.instance_data_dir:
-        return ImageFolderSource(cfg.instance_data_dir, cfg.prompt_key, cfg.instance_data_metadata, cfg.skip_invalid_metadata)
+        return ImageFolderSource(
+            cfg.instance_data_dir, cfg.prompt_key, cfg.instance_data_metadata, cfg.skip_invalid_metadata
+        )
     if cfg.instance_data_image:
         return SingleImageSource(cfg.instance_data_image)
     if not (cfg.image_key and cfg.prompt_key):
@@ -472,7 +488,6 @@ class PreEncodedDataset(Dataset):
 
     def _f(self):
         if self._handle is None:  # opened lazily, once per worker process
-
             self._handle = safe_open(str(self.file), framework="pt")
         return self._handle
 

@@ -70,8 +70,13 @@ class TextEncoderConfig:
 
     def build(self, seed: int) -> nn.Module:
         cfg = CLIPTextConfig(
-            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-            bos_token_id=0, eos_token_id=2, pad_token_id=1,  # as the published config: pooled at the first 49407
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,  # as the published config: pooled at the first 49407
             **asdict(self),
         )
         torch.manual_seed(seed)
@@ -92,7 +97,9 @@ def shapes_vqgan_config() -> VQGANConfig:
 
 def shipped_vq_training() -> VQTrainConfig:
     """How the shipped VQ-GAN trains: 3000 steps of 256 images."""
-    return VQTrainConfig(steps=3000, batch_size=256, lr=1e-3, betas=(0.9, 0.99), warmup=100, restart_every=100, log_every=250)
+    return VQTrainConfig(
+        steps=3000, batch_size=256, lr=1e-3, betas=(0.9, 0.99), warmup=100, restart_every=100, log_every=250
+    )
 
 
 def shapes_uvit_config(**overrides) -> UViTConfig:
@@ -101,10 +108,23 @@ def shapes_uvit_config(**overrides) -> UViTConfig:
     in, the resolution of the captions' positions: the U-ViT has no position embedding), 4 transformer layers of
     160, 512 codes + the mask token. About 3M parameters."""
     base = dict(
-        hidden_size=160, cond_embed_dim=32, micro_cond_encode_dim=16, micro_cond_embed_dim=80, encoder_hidden_size=32,
-        vocab_size=513, codebook_size=512, in_channels=64, block_out_channels=64, num_res_blocks=2,
-        downsample=True, upsample=True, block_num_heads=2, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=480, sample_size=16,
+        hidden_size=160,
+        cond_embed_dim=32,
+        micro_cond_encode_dim=16,
+        micro_cond_embed_dim=80,
+        encoder_hidden_size=32,
+        vocab_size=513,
+        codebook_size=512,
+        in_channels=64,
+        block_out_channels=64,
+        num_res_blocks=2,
+        downsample=True,
+        upsample=True,
+        block_num_heads=2,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=480,
+        sample_size=16,
     )
     base.update(overrides)
     return UViTConfig(**base)
@@ -145,15 +165,32 @@ class Recipe:
         """A run of a minute or two on a CPU (tests, CI): the same stages at toy sizes and step counts."""
         return cls(
             vq_config=VQGANConfig(
-                block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, num_vq_embeddings=32,
-                norm_num_groups=4, sample_size=64,
+                block_out_channels=(8, 16, 16),
+                layers_per_block=1,
+                latent_channels=4,
+                num_vq_embeddings=32,
+                norm_num_groups=4,
+                sample_size=64,
             ),
             vq_train=VQTrainConfig(steps=30, batch_size=8, lr=2e-3, warmup=5, restart_every=10, log_every=10),
-            text_encoder=TextEncoderConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16),
+            text_encoder=TextEncoderConfig(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16
+            ),
             uvit_config=shapes_uvit_config(
-                hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, in_channels=16,
-                block_out_channels=16, block_num_heads=1, num_res_blocks=1, cond_embed_dim=16, encoder_hidden_size=16,
-                micro_cond_encode_dim=4, micro_cond_embed_dim=20, codebook_size=32, vocab_size=33,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                in_channels=16,
+                block_out_channels=16,
+                block_num_heads=1,
+                num_res_blocks=1,
+                cond_embed_dim=16,
+                encoder_hidden_size=16,
+                micro_cond_encode_dim=4,
+                micro_cond_embed_dim=20,
+                codebook_size=32,
+                vocab_size=33,
             ),
             num_images=64,
             batch_size=16,
@@ -312,6 +349,7 @@ def train_uvit_stage(recipe: Recipe, components, data: Path, work: Path, device:
 def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
     """Measured seconds per training step of the VQ-GAN (with its data) and of the U-ViT (random inputs, the loop's
     precision), after 3 warm-up steps, and the training time they project. Nothing here is kept."""
+
     def clock(step) -> float:
         for _ in range(3):
             step()
@@ -361,7 +399,12 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
 
 
 def build(
-    recipe: Recipe, out: Path, work: Path, device: str = "cpu", tokenizer_dir: str | None = None, progress: bool = True,
+    recipe: Recipe,
+    out: Path,
+    work: Path,
+    device: str = "cpu",
+    tokenizer_dir: str | None = None,
+    progress: bool = True,
     reuse: Path | None = None,
 ) -> dict:
     """Run the four stages and write the model to `out` (replaced). Returns a report dict (also work/report.json).
@@ -401,14 +444,24 @@ def build(
     # the source names the VQ-GAN and text encoder: the loop's pre-encoded cache is keyed on it
     source = f"train.default_model (VQ-GAN and text encoder {weights_digest(vqvae, text_encoder)})"
     components = Components(
-        transformer, vqvae, text_encoder, tokenizer,
-        {**default_scheduler_config(recipe.uvit_config.mask_token_id), "sampling_defaults": dict(recipe.sampling_defaults)},
+        transformer,
+        vqvae,
+        text_encoder,
+        tokenizer,
+        {
+            **default_scheduler_config(recipe.uvit_config.mask_token_id),
+            "sampling_defaults": dict(recipe.sampling_defaults),
+        },
         source=source,
     )
     t2 = time.perf_counter()
     result = train_uvit_stage(recipe, components, data, work, device, progress)
     report["uvit_train_seconds"] = round(time.perf_counter() - t2, 1)
-    report["uvit_losses"] = {"first": result.losses[0], "last": result.losses[-1], "every": result.losses[:: max(1, len(result.losses) // 50)]}
+    report["uvit_losses"] = {
+        "first": result.losses[0],
+        "last": result.losses[-1],
+        "every": result.losses[:: max(1, len(result.losses) // 50)],
+    }
     # the loop frees the VQ-GAN and the text encoder after pre-encoding: put ours back
     components = Components(
         transformer.cpu().eval(), vqvae, text_encoder, tokenizer, components.scheduler_config, source=components.source
@@ -444,17 +497,30 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="shipped", choices=sorted(RECIPES))
     p.add_argument("--out", default=None, help="model folder to write (default: the embedded model's folder)")
-    p.add_argument("--work", default="outputs/default_model", help="scratch folder: training images, loop checkpoints, report")
+    p.add_argument(
+        "--work", default="outputs/default_model", help="scratch folder: training images, loop checkpoints, report"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", default=None, help="a CLIP tokenizer folder (default: built offline from open_clip)")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    p.add_argument("--reuse", default=None, metavar="DIR",
-                   help="take the VQ-GAN and text encoder from this model folder or WORK/stages folder (skip stages 1-2)")
+    p.add_argument(
+        "--reuse",
+        default=None,
+        metavar="DIR",
+        help="take the VQ-GAN and text encoder from this model folder or WORK/stages folder (skip stages 1-2)",
+    )
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--eval-per-triple", type=int, default=2)
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="measure a few steps first and stop if the projected training time exceeds this")
-    p.add_argument("--figures", default=None, metavar="DIR", help="only draw the README figures of --out into DIR (e.g. docs)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="measure a few steps first and stop if the projected training time exceeds this",
+    )
+    p.add_argument(
+        "--figures", default=None, metavar="DIR", help="only draw the README figures of --out into DIR (e.g. docs)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.figures:
@@ -470,16 +536,26 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
         estimate = preflight(recipe, args.device)
         log.info("preflight: %s", estimate)
         if estimate["projected_training_seconds"] > args.time_budget:
-            log.error("projected %.0f s of training exceeds --time-budget %.0f s: stopping", estimate["projected_training_seconds"], args.time_budget)
+            log.error(
+                "projected %.0f s of training exceeds --time-budget %.0f s: stopping",
+                estimate["projected_training_seconds"],
+                args.time_budget,
+            )
             return 3
-    report = build(recipe, Path(args.out), Path(args.work), args.device, args.tokenizer, reuse=args.reuse and Path(args.reuse))
+    report = build(
+        recipe, Path(args.out), Path(args.work), args.device, args.tokenizer, reuse=args.reuse and Path(args.reuse)
+    )
     if not args.skip_eval:
         t = time.perf_counter()
         report["eval"] = evaluate(Path(args.out), args.device, args.eval_per_triple)
         report["eval_seconds"] = round(time.perf_counter() - t, 1)
         (Path(args.work) / "report.json").write_text(json.dumps(report, indent=1))
-        log.info("held-out adherence %.1f%%, VQ PSNR %.2f dB, codebook usage %.1f%%",
-                 100 * report["eval"]["adherence"]["accuracy"], report["eval"]["vq"]["psnr"], 100 * report["eval"]["vq"]["usage"])
+        log.info(
+            "held-out adherence %.1f%%, VQ PSNR %.2f dB, codebook usage %.1f%%",
+            100 * report["eval"]["adherence"]["accuracy"],
+            report["eval"]["vq"]["psnr"],
+            100 * report["eval"]["vq"]["usage"],
+        )
     print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=1))
     return 0
 

@@ -18,7 +18,13 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], max_decay: float = 0.9999, update_after_step: int = 0, warmup: bool = True):
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        max_decay: float = 0.9999,
+        update_after_step: int = 0,
+        warmup: bool = True,
+    ):
         self.params = {n: p for n, p in named_params if p.requires_grad}
         self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
         self.max_decay, self.update_after_step, self.warmup = max_decay, update_after_step, warmup
@@ -63,7 +69,9 @@ class EMA:
         missing = sorted(set(self.shadow) - set(state))
         unexpected = sorted(set(state) - set(self.shadow))
         if missing or unexpected:
-            raise ValueError(f"EMA state does not fit the trained parameters: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"EMA state does not fit the trained parameters: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         for n, t in state.items():
             self.shadow[n].copy_(t)
         self.num_updates = num_updates

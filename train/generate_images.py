@@ -22,13 +22,34 @@ from muse import Pipeline
 log = logging.getLogger("train.generate_images")
 
 SUBJECTS = [
-    "A chihuahua", "A tabby cat", "A portrait of chihuahua", "An apple on the table", "A banana on the table",
-    "A church on the street", "A church in the mountain", "A church in the field", "A church on the beach",
-    "A chihuahua walking on the street", "A tabby cat walking on the street", "A portrait of tabby cat",
-    "An apple on the dish", "A banana on the dish", "A human walking on the street", "A temple on the street",
-    "A temple in the mountain", "A temple in the field", "A temple on the beach", "A chihuahua walking in the forest",
-    "A tabby cat walking in the forest", "A portrait of human face", "An apple on the ground", "A banana on the ground",
-    "A human walking in the forest", "A cabin on the street", "A cabin in the mountain", "A cabin in the field",
+    "A chihuahua",
+    "A tabby cat",
+    "A portrait of chihuahua",
+    "An apple on the table",
+    "A banana on the table",
+    "A church on the street",
+    "A church in the mountain",
+    "A church in the field",
+    "A church on the beach",
+    "A chihuahua walking on the street",
+    "A tabby cat walking on the street",
+    "A portrait of tabby cat",
+    "An apple on the dish",
+    "A banana on the dish",
+    "A human walking on the street",
+    "A temple on the street",
+    "A temple in the mountain",
+    "A temple in the field",
+    "A temple on the beach",
+    "A chihuahua walking in the forest",
+    "A tabby cat walking in the forest",
+    "A portrait of human face",
+    "An apple on the ground",
+    "A banana on the ground",
+    "A human walking in the forest",
+    "A cabin on the street",
+    "A cabin in the mountain",
+    "A cabin in the field",
     "A cabin on the beach",
 ]
 
@@ -39,8 +60,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     p.add_argument("--style_descriptor", default="[V]")
-    p.add_argument("--load_transformer_from", default=None, help="a trained U-ViT: a transformer/ folder (diffusers layout) or its parent")
-    p.add_argument("--load_transformer_lora_from", default=None, help="LoRA adapters: a file or the training output folder")
+    p.add_argument(
+        "--load_transformer_from",
+        default=None,
+        help="a trained U-ViT: a transformer/ folder (diffusers layout) or its parent",
+    )
+    p.add_argument(
+        "--load_transformer_lora_from", default=None, help="LoRA adapters: a file or the training output folder"
+    )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--write_images_to", required=True)

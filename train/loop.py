@@ -160,17 +160,25 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     ema = None
     if cfg.use_ema:
-        ema = EMA(trained_named(transformer, text_encoder, cfg), cfg.ema_decay, cfg.ema_update_after_step, cfg.ema_warmup)
+        ema = EMA(
+            trained_named(transformer, text_encoder, cfg), cfg.ema_decay, cfg.ema_update_after_step, cfg.ema_warmup
+        )
 
     # --- resume ------------------------------------------------------------------------------------------------------
     step, position = 0, 0  # optimizer steps done; global batches consumed
     if cfg.resume_from_checkpoint and resume is None:
         log.info("no checkpoint in %s yet: starting a new run", out)
     if resume is not None:
-        step, position = load_checkpoint(resume, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
+        step, position = load_checkpoint(
+            resume, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen
+        )
         log.info("resumed from %s at step %d", resume, step)
         if step >= cfg.max_train_steps:
-            log.warning("the checkpoint is at step %d >= --max_train_steps %d: nothing to train (raise --max_train_steps)", step, cfg.max_train_steps)
+            log.warning(
+                "the checkpoint is at step %d >= --max_train_steps %d: nothing to train (raise --max_train_steps)",
+                step,
+                cfg.max_train_steps,
+            )
 
     sampler = GlobalBatchSampler(len(dataset), B, seed, dist.rank, dist.world, start=position)
     loader = DataLoader(
@@ -191,7 +199,13 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
         "training %s: %d trainable parameters, global batch %d x %d accumulation, %d steps, lr %.3g, %s, device %s x %d",
         "LoRA adapters" if cfg.use_lora else "the full U-ViT",
         sum(p.numel() for ps in trained.values() for p in ps),
-        G, cfg.gradient_accumulation_steps, cfg.max_train_steps, lr, cfg.mixed_precision, device, dist.world,
+        G,
+        cfg.gradient_accumulation_steps,
+        cfg.max_train_steps,
+        lr,
+        cfg.mixed_precision,
+        device,
+        dist.world,
     )
 
     # --- the loop ----------------------------------------------------------------------------------------------------
@@ -218,7 +232,7 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
             normalizer = float(masks.mask.sum()) / dist.world
 
             last = micro == cfg.gradient_accumulation_steps - 1
-            with (model.no_sync() if dist.enabled and not last else contextlib.nullcontext()), autocast:
+            with model.no_sync() if dist.enabled and not last else contextlib.nullcontext(), autocast:
                 logits = model(input_ids, hidden, pooled, micro_conds).permute(0, 2, 3, 1)  # (B, h, w, K) view
                 loss = masked_cross_entropy(logits, labels, cfg.label_smoothing, normalizer)
                 loss = loss / cfg.gradient_accumulation_steps
@@ -261,21 +275,27 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
         if cfg.validation_prompts and step % cfg.validation_steps == 0 and dist.main:
             validate(cfg, components, transformer, vqvae, text_encoder, tokenizer, ema, step, out, tracker, seed)
         if step % cfg.checkpointing_steps == 0:
-            save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
+            save_checkpoint(
+                out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen
+            )
     bar.close()
     result.memory = monitor.stop()
     log.info("memory: %s", " ".join(f"{k}={v}" for k, v in result.memory.items()))
 
     # --- the end: a last checkpoint, then the trained weights (EMA if on) ---------------------------------------------
     if cfg.save_at_end and not (out / f"checkpoint-{step}" / checkpoint.DONE_FILE).is_file():
-        save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
+        save_checkpoint(
+            out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen
+        )
     if dist.main and cfg.save_at_end:
         if ema is not None:
             ema.copy_to_params()
         save_final(out, cfg, transformer, text_encoder)
     if dist.main and result.skipped_images:
         names = sorted(result.skipped_names)
-        log.warning("%d unreadable image(s) were skipped (%d distinct): %s", result.skipped_images, len(names), names[:5])
+        log.warning(
+            "%d unreadable image(s) were skipped (%d distinct): %s", result.skipped_images, len(names), names[:5]
+        )
     dist.barrier()
     tracker.finish()
     result.step = step
@@ -306,7 +326,13 @@ def prepare_text_encoder(cfg: TrainConfig, text_encoder, device):
         return text_encoder.requires_grad_(False).eval().to(device, cfg.weight_dtype)
     if cfg.text_encoder_use_lora:
         text_encoder.requires_grad_(False).to(device, cfg.weight_dtype)
-        inject_lora(text_encoder, cfg.text_encoder_lora_target_modules, cfg.text_encoder_lora_r, cfg.text_encoder_lora_alpha, aliases=CLIP_ALIASES)
+        inject_lora(
+            text_encoder,
+            cfg.text_encoder_lora_target_modules,
+            cfg.text_encoder_lora_r,
+            cfg.text_encoder_lora_alpha,
+            aliases=CLIP_ALIASES,
+        )
     else:
         text_encoder.requires_grad_(True).to(device, torch.float32)
     if cfg.gradient_checkpointing:
@@ -390,7 +416,9 @@ def validate(cfg, components, transformer, vqvae, text_encoder, tokenizer, ema, 
 # --- checkpoints --------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen) -> None:
+def save_checkpoint(
+    out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen
+) -> None:
     """Everything needed to continue exactly; see train.checkpoint for the layout and the atomic write."""
     tmp = Path(dist.broadcast(str(checkpoint.begin(out, step)) if dist.main else None))
     checkpoint.save_torch(checkpoint.rng_state(), tmp / f"rng-rank{dist.rank}.pt")
@@ -398,8 +426,14 @@ def save_checkpoint(out, step, position, seed, cfg, dist, transformer, text_enco
     if dist.main:
         with _full_disk_reported(tmp):
             _write_checkpoint_files(tmp, cfg, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen)
-        info = {"step": step, "position": position, "seed": seed, "world": dist.world, "use_lora": cfg.use_lora,
-                **settings_of(cfg, base_config(transformer))}
+        info = {
+            "step": step,
+            "position": position,
+            "seed": seed,
+            "world": dist.world,
+            "use_lora": cfg.use_lora,
+            **settings_of(cfg, base_config(transformer)),
+        }
         final = checkpoint.commit(tmp, step, info, cfg.checkpoints_total_limit)
         log.info("saved %s", final)
     dist.barrier()
@@ -442,7 +476,9 @@ def save_trained(module, path: Path, lora: bool, prefix: str) -> None:
         save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
-def load_checkpoint(path, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen) -> tuple[int, int]:
+def load_checkpoint(
+    path, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen
+) -> tuple[int, int]:
     """Load every saved state into this run's objects (its settings were checked by `resume_check` before)."""
     info = checkpoint.read_state(path)
     load_trained(transformer, path / "model.safetensors", cfg.use_lora, "transformer")
@@ -532,7 +568,9 @@ def save_final(out: Path, cfg: TrainConfig, transformer, text_encoder) -> None:
         with files.atomic_folder(out / "transformer") as folder:
             config, state = uvit_to_diffusers(transformer)
             (folder / "config.json").write_text(json.dumps(config, indent=2))
-            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors")
+            )
         log.info("trained U-ViT: %s", out / "transformer")
     if cfg.train_text_encoder and not te_lora:
         with files.atomic_folder(out / "text_encoder") as folder:

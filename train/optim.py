@@ -29,7 +29,11 @@ def decay_groups(
     for name, p in named_params:
         if p.requires_grad:
             (no_decay if any(nd in rename(name) for nd in NO_DECAY) else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return [
+        g
+        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
 
 
 def uvit_rename(name: str) -> str:
@@ -37,7 +41,9 @@ def uvit_rename(name: str) -> str:
     return UVIT_KEYMAP.theirs(name)
 
 
-def build_optimizer(groups: list[dict], lr: float, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, use_8bit: bool = False):
+def build_optimizer(
+    groups: list[dict], lr: float, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, use_8bit: bool = False
+):
     if not any(g["params"] for g in groups):
         raise ValueError("nothing to train: no parameter requires a gradient")
     if use_8bit:

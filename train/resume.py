@@ -52,12 +52,38 @@ SHAPING = {
 }
 
 SAFE_TO_CHANGE = (
-    "learning_rate", "scale_lr", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "resolution",
-    "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "max_grad_norm", "ema_decay", "ema_update_after_step", "ema_warmup", "min_masking_rate", "cond_dropout_prob",
-    "label_smoothing", "rect_mask_prob", "lora_dropout", "instance_data_dataset", "instance_data_dir",
-    "instance_data_image", "instance_data_metadata", "image_key", "prompt_key", "prompt_prefix", "pre_encode",
-    "pretrained_model_name_or_path", "revision", "variant",
+    "learning_rate",
+    "scale_lr",
+    "max_train_steps",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "resolution",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "max_grad_norm",
+    "ema_decay",
+    "ema_update_after_step",
+    "ema_warmup",
+    "min_masking_rate",
+    "cond_dropout_prob",
+    "label_smoothing",
+    "rect_mask_prob",
+    "lora_dropout",
+    "instance_data_dataset",
+    "instance_data_dir",
+    "instance_data_image",
+    "instance_data_metadata",
+    "image_key",
+    "prompt_key",
+    "prompt_prefix",
+    "pre_encode",
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
 )
 
 
@@ -76,7 +102,9 @@ def compare(saved: dict, cfg: TrainConfig, transformer_config: dict) -> tuple[li
             refused.append(f"{name}: {old.get(name)!r} -> {new.get(name)!r}")
     old_model = saved.get("transformer_config")
     if old_model is not None and old_model != dict(transformer_config):
-        changed = sorted(k for k in set(old_model) | set(transformer_config) if old_model.get(k) != transformer_config.get(k))
+        changed = sorted(
+            k for k in set(old_model) | set(transformer_config) if old_model.get(k) != transformer_config.get(k)
+        )
         details = ", ".join(f"{k} {old_model.get(k)!r} -> {transformer_config.get(k)!r}" for k in changed[:6])
         refused.append(f"the base model's U-ViT differs ({details})")
     allowed = []

@@ -72,7 +72,9 @@ class VQTrainConfig:
 # --- losses ------------------------------------------------------------------------------------------------------
 
 
-def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, l1_weight: float = 1.0, l2_weight: float = 1.0) -> torch.Tensor:
+def reconstruction_loss(
+    x: torch.Tensor, x_hat: torch.Tensor, l1_weight: float = 1.0, l2_weight: float = 1.0
+) -> torch.Tensor:
     return l1_weight * F.l1_loss(x_hat, x) + l2_weight * F.mse_loss(x_hat, x)
 
 
@@ -86,7 +88,9 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
-def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_weight(
+    rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
     """|d rec / d last_layer| / (|d gan / d last_layer| + 1e-4), clamped and detached: balances the GAN term so its
     gradient at the decoder's last layer has the reconstruction's size (Esser et al., taming transformers)."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
@@ -142,7 +146,9 @@ class PerceptualLoss(nn.Module):
         super().__init__()
         path = Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(f"perceptual loss weights not found: {path} (supply a torchvision vgg16 state dict)")
+            raise FileNotFoundError(
+                f"perceptual loss weights not found: {path} (supply a torchvision vgg16 state dict)"
+            )
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
@@ -283,7 +289,12 @@ def train_vqgan(
             rec = rec + cfg.perceptual_weight * perceptual(x, x_hat)
         loss = rec + cfg.codebook_weight * q.codebook_loss + cfg.commitment_weight * q.commitment_loss
         # losses stay tensors until they are logged (no GPU synchronisation every step)
-        record = {"step": step, "rec": rec.detach(), "codebook": q.codebook_loss.detach(), "commit": q.commitment_loss.detach()}
+        record = {
+            "step": step,
+            "rec": rec.detach(),
+            "codebook": q.codebook_loss.detach(),
+            "commit": q.commitment_loss.detach(),
+        }
         gan_on = disc is not None and step >= cfg.disc_start
         if gan_on:
             disc.requires_grad_(False)
@@ -315,7 +326,9 @@ def train_vqgan(
             last = [_floats(r) for r in history[-cfg.log_every :]]
             mean = {k: sum(r[k] for r in last) / len(last) for k in ("rec", "codebook", "commit")}
             mean["psnr"] = 10 * math.log10(1.0 / max(sum(r["mse"] for r in last) / len(last), 1e-12))
-            extra = "".join(f" {k} {record[k]:.3g}" for k in ("usage", "perplexity", "restarted", "gan_weight") if k in record)
+            extra = "".join(
+                f" {k} {record[k]:.3g}" for k in ("usage", "perplexity", "restarted", "gan_weight") if k in record
+            )
             log(
                 f"vq step {step + 1}/{cfg.steps}: rec {mean['rec']:.4f} codebook {mean['codebook']:.4f} "
                 f"commit {mean['commit']:.4f} psnr {mean['psnr']:.2f} dB{extra} ({time.time() - t0:.0f} s)"
@@ -364,7 +377,9 @@ def save_vqgan(model: VQGAN, directory: str | Path) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors")
+    )
     return d
 
 

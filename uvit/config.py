@@ -12,9 +12,21 @@ from dataclasses import dataclass
 
 # the sizes and counts, which must be positive
 _POSITIVE = (
-    "hidden_size", "cond_embed_dim", "micro_cond_encode_dim", "micro_cond_embed_dim", "encoder_hidden_size", "vocab_size",
-    "codebook_size", "in_channels", "block_out_channels", "num_res_blocks", "block_num_heads", "num_hidden_layers",
-    "num_attention_heads", "intermediate_size", "sample_size",
+    "hidden_size",
+    "cond_embed_dim",
+    "micro_cond_encode_dim",
+    "micro_cond_embed_dim",
+    "encoder_hidden_size",
+    "vocab_size",
+    "codebook_size",
+    "in_channels",
+    "block_out_channels",
+    "num_res_blocks",
+    "block_num_heads",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "sample_size",
 )
 
 
@@ -59,9 +71,13 @@ class UViTConfig:
         self.hidden_dropout, self.attention_dropout = float(self.hidden_dropout), float(self.attention_dropout)
         self.layer_norm_eps = float(self.layer_norm_eps)
         if self.hidden_size % self.num_attention_heads:
-            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            problems.append(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
         if self.block_out_channels % self.block_num_heads:
-            problems.append(f"block_out_channels {self.block_out_channels} is not divisible by block_num_heads {self.block_num_heads}")
+            problems.append(
+                f"block_out_channels {self.block_out_channels} is not divisible by block_num_heads {self.block_num_heads}"
+            )
         if self.micro_cond_encode_dim % 2:
             problems.append(f"micro_cond_encode_dim must be even, got {self.micro_cond_encode_dim}")
         if self.micro_cond_embed_dim % self.micro_cond_encode_dim:
@@ -69,7 +85,9 @@ class UViTConfig:
                 f"micro_cond_embed_dim {self.micro_cond_embed_dim} is not a multiple of micro_cond_encode_dim {self.micro_cond_encode_dim}"
             )
         if self.codebook_size >= self.vocab_size:
-            problems.append(f"vocab_size {self.vocab_size} must exceed codebook_size {self.codebook_size} (the mask id is vocab_size - 1)")
+            problems.append(
+                f"vocab_size {self.vocab_size} must exceed codebook_size {self.codebook_size} (the mask id is vocab_size - 1)"
+            )
         if self.downsample != self.upsample:
             problems.append("downsample and upsample must be both on or both off, or the token grid would change size")
         if problems:

@@ -26,6 +26,7 @@ from torch import nn
 
 Namer = Callable[[str], str]  # our module name -> the name another library uses for the same module
 
+
 class LoRALinear(nn.Module):
     """A Linear layer with a frozen base weight and a trainable low-rank update (torchtune style)."""
 
@@ -46,8 +47,12 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha = rank, float(alpha)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         adapter_dtype = adapter_dtype or dtype
         self.lora_a = nn.Linear(in_features, rank, bias=False, device=device, dtype=adapter_dtype)
@@ -61,7 +66,9 @@ class LoRALinear(nn.Module):
         return self.alpha / self.rank
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, adapter_dtype=torch.float32) -> "LoRALinear":
+    def from_linear(
+        cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, adapter_dtype=torch.float32
+    ) -> "LoRALinear":
         """Wrap an existing Linear: its weight (and bias) become the frozen base, shared, not copied."""
         with torch.device("meta"):
             layer = cls(linear.in_features, linear.out_features, rank, alpha, dropout, bias=linear.bias is not None)
@@ -69,8 +76,12 @@ class LoRALinear(nn.Module):
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
         dev = linear.weight.device
-        layer.lora_a = nn.Linear(linear.in_features, rank, bias=False, device=dev, dtype=adapter_dtype or linear.weight.dtype)
-        layer.lora_b = nn.Linear(rank, linear.out_features, bias=False, device=dev, dtype=adapter_dtype or linear.weight.dtype)
+        layer.lora_a = nn.Linear(
+            linear.in_features, rank, bias=False, device=dev, dtype=adapter_dtype or linear.weight.dtype
+        )
+        layer.lora_b = nn.Linear(
+            rank, linear.out_features, bias=False, device=dev, dtype=adapter_dtype or linear.weight.dtype
+        )
         layer.reset_adapter()
         return layer
 
@@ -166,7 +177,9 @@ def inject_lora(
     names = find_targets(model, targets, namer)
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(f"no Linear module of {type(model).__name__} matches the LoRA targets {targets}; some names: {linears[:8]}")
+        raise ValueError(
+            f"no Linear module of {type(model).__name__} matches the LoRA targets {targets}; some names: {linears[:8]}"
+        )
     model.requires_grad_(False)
     for name in names:
         module = model.get_submodule(name)
@@ -236,10 +249,15 @@ class Adapter:
 
 def get_adapters(model: nn.Module) -> dict[str, Adapter]:
     """Our module name -> its adapter (detached tensors)."""
-    return {n: Adapter(l.lora_a.weight.detach(), l.lora_b.weight.detach(), l.alpha) for n, l in lora_layers(model).items()}
+    return {
+        n: Adapter(layer.lora_a.weight.detach(), layer.lora_b.weight.detach(), layer.alpha)
+        for n, layer in lora_layers(model).items()
+    }
 
 
-def set_adapters(model: nn.Module, adapters: Mapping[str, Adapter], dropout: float = 0.0, adapter_dtype=torch.float32) -> list[str]:
+def set_adapters(
+    model: nn.Module, adapters: Mapping[str, Adapter], dropout: float = 0.0, adapter_dtype=torch.float32
+) -> list[str]:
     """Load adapters into `model`. A module that already carries an adapter of the same rank gets the values copied
     in place (its parameters stay the ones an optimizer holds); plain Linears, or a different rank, get a new
     LoRALinear around the base weight. Every named module must exist and every shape fit; errors name each problem."""

@@ -287,7 +287,10 @@ class TransformerLayer(nn.Module):
 
     def prepare(self, c: torch.Tensor, text: torch.Tensor) -> LayerConditioning:
         return LayerConditioning(
-            self.attn_norm.prepare(c), self.cross_norm.prepare(c), self.ff_norm.prepare(c), self.cross_attn.key_value(text)
+            self.attn_norm.prepare(c),
+            self.cross_norm.prepare(c),
+            self.ff_norm.prepare(c),
+            self.cross_attn.key_value(text),
         )
 
     def forward(self, x: torch.Tensor, cond: LayerConditioning) -> torch.Tensor:
@@ -434,7 +437,9 @@ class UViT(nn.Module):
             raise ValueError(f"token grid {h}x{w} is not a multiple of {f}, which this config's down/upsampling needs")
         text_shape = tuple(encoder_hidden_states.shape)
         if len(text_shape) != 3 or text_shape[0] != B or text_shape[1] < 1 or text_shape[2] != cfg.encoder_hidden_size:
-            raise ValueError(f"encoder_hidden_states must be (B={B}, L>=1, {cfg.encoder_hidden_size}), got {text_shape}")
+            raise ValueError(
+                f"encoder_hidden_states must be (B={B}, L>=1, {cfg.encoder_hidden_size}), got {text_shape}"
+            )
         if tuple(pooled_text_emb.shape) != (B, cfg.cond_embed_dim):
             raise ValueError(f"pooled_text_emb must be ({B}, {cfg.cond_embed_dim}), got {tuple(pooled_text_emb.shape)}")
         if tuple(micro_conds.shape) != (B, cfg.num_micro_conds):
@@ -448,14 +453,18 @@ class UViT(nn.Module):
         micro_conds: torch.Tensor,  # (B, num_micro_conds)
     ) -> torch.Tensor:  # logits (B, codebook_size, h, w)
         self.check_inputs(input_ids, encoder_hidden_states, pooled_text_emb, micro_conds)
-        return self.forward_channels_last(input_ids, encoder_hidden_states, pooled_text_emb, micro_conds).permute(0, 3, 1, 2)
+        return self.forward_channels_last(input_ids, encoder_hidden_states, pooled_text_emb, micro_conds).permute(
+            0, 3, 1, 2
+        )
 
     def forward_channels_last(self, input_ids, encoder_hidden_states, pooled_text_emb, micro_conds) -> torch.Tensor:
         """As `forward`, but logits stay (B, h, w, codebook_size): the layout the sampler and the loss read."""
         c, text = self.embed_conditions(encoder_hidden_states, pooled_text_emb, micro_conds)
         return self._trunk(input_ids, lambda block, x: self._run(_conditioned, block, x, c, text))
 
-    def embed_conditions(self, encoder_hidden_states, pooled_text_emb, micro_conds) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_conditions(
+        self, encoder_hidden_states, pooled_text_emb, micro_conds
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (conditioning vector c (B, D), projected text (B, L, D)), in the model's dtype."""
         text = self.text_norm(self.text_proj(encoder_hidden_states.to(self.dtype)))  # (B, L, D)
         c = self.cond_embed(pooled_text_emb, micro_conds).to(text.dtype)  # (B, D)

@@ -11,7 +11,15 @@ import math
 from dataclasses import dataclass
 
 # the sizes and counts, which must be positive
-_POSITIVE = ("in_channels", "out_channels", "layers_per_block", "latent_channels", "num_vq_embeddings", "norm_num_groups", "sample_size")
+_POSITIVE = (
+    "in_channels",
+    "out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "num_vq_embeddings",
+    "norm_num_groups",
+    "sample_size",
+)
 
 
 @dataclass
@@ -42,7 +50,9 @@ class VQGANConfig:
             problems.append(f"act_fn {self.act_fn!r} is not supported (only 'silu')")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
-                problems.append(f"block_out_channels entry {c} is not divisible by norm_num_groups {self.norm_num_groups}")
+                problems.append(
+                    f"block_out_channels entry {c} is not divisible by norm_num_groups {self.norm_num_groups}"
+                )
         if not self.block_out_channels:
             problems.append("block_out_channels is empty")
         if problems:
@@ -72,7 +82,13 @@ class VQGANConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "VQGANConfig":
-        base = dict(block_out_channels=(32, 32, 64), layers_per_block=1, latent_channels=8, num_vq_embeddings=64, norm_num_groups=8)
+        base = dict(
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            latent_channels=8,
+            num_vq_embeddings=64,
+            norm_num_groups=8,
+        )
         base.update(overrides)
         return cls(**base)
 

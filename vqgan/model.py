@@ -41,7 +41,9 @@ def _conv_from_stream(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv(x)
     amax = x.detach().abs().amax().float().clamp(min=_HALF_INPUT_MAX)
     s = torch.exp2(torch.ceil(torch.log2(amax / _HALF_INPUT_MAX)))
-    y = F.conv2d((x / s).to(conv.weight.dtype), conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = F.conv2d(
+        (x / s).to(conv.weight.dtype), conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
     y = y.float() * s
     return y if conv.bias is None else y + conv.bias.float().view(1, -1, 1, 1)
 
@@ -111,7 +113,8 @@ class Encoder(nn.Module):
         ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.levels = nn.ModuleList(
-            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, Downsample(ch[i]) if i < n - 1 else None) for i in range(n)
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, Downsample(ch[i]) if i < n - 1 else None)
+            for i in range(n)
         )
         self.mid = nn.ModuleList(ResBlock(ch[-1], ch[-1], g) for _ in range(2))
         self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
@@ -134,7 +137,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid = nn.ModuleList(ResBlock(ch[0], ch[0], g) for _ in range(2))
         self.levels = nn.ModuleList(
-            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, Upsample(ch[i]) if i < n - 1 else None) for i in range(n)
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, Upsample(ch[i]) if i < n - 1 else None)
+            for i in range(n)
         )
         self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
@@ -185,7 +189,9 @@ class VectorQuantizer(nn.Module):
         codebook_loss = F.mse_loss(zq, z.detach())
         commitment_loss = F.mse_loss(zq.detach(), z)
         quantized = z + (zq - z).detach()
-        return QuantizerOutput(quantized, ids, codebook_loss, commitment_loss, commitment_loss + self.beta * codebook_loss)
+        return QuantizerOutput(
+            quantized, ids, codebook_loss, commitment_loss, commitment_loss + self.beta * codebook_loss
+        )
 
 
 class VQGAN(nn.Module):
@@ -245,10 +251,14 @@ class VQGAN(nn.Module):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, h, w) long -> pixels (B, C, h*f, w*f) float32 (not clipped)."""
         if ids.dim() != 3 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"ids must be an integer grid (B, h, w), got shape {tuple(ids.shape)} and dtype {ids.dtype}")
+            raise ValueError(
+                f"ids must be an integer grid (B, h, w), got shape {tuple(ids.shape)} and dtype {ids.dtype}"
+            )
         n = self.quantizer.num_codes
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-            raise ValueError(f"ids must lie in [0, {n}); got values in [{int(ids.min())}, {int(ids.max())}] (is a mask id left?)")
+            raise ValueError(
+                f"ids must lie in [0, {n}); got values in [{int(ids.min())}, {int(ids.max())}] (is a mask id left?)"
+            )
         return self.decode_latents(self.quantizer.lookup(ids.long()))
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:

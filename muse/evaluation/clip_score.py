@@ -42,7 +42,11 @@ def _no_weights_message(model_name: str, weights: str | None, reason: str) -> st
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if weights and weights in tags:
         cfg = open_clip.get_pretrained_cfg(model_name, weights)
-        where = [f"the Hugging Face repo {cfg['hf_hub'].rstrip('/')} (file open_clip_pytorch_model.bin)"] if cfg.get("hf_hub") else []
+        where = (
+            [f"the Hugging Face repo {cfg['hf_hub'].rstrip('/')} (file open_clip_pytorch_model.bin)"]
+            if cfg.get("hf_hub")
+            else []
+        )
         where += [cfg["url"]] if cfg.get("url") else []
         lines.append(f"Supply the file of tag {weights!r} (from {' or '.join(where)}) with --clip-weights PATH.")
     else:
@@ -61,8 +65,10 @@ def load_clip(model_name: str, weights: str | None, device: str | torch.device =
     kwargs = dict(device=device, require_pretrained=True)
     if model_name.startswith(HF_HUB_PREFIX):
         if offline:
-            raise MissingWeightsError(f"CLIP model {model_name!r} is on the Hugging Face hub and this run is offline; "
-                                      "pass a built-in model name with --clip-weights PATH instead")
+            raise MissingWeightsError(
+                f"CLIP model {model_name!r} is on the Hugging Face hub and this run is offline; "
+                "pass a built-in model name with --clip-weights PATH instead"
+            )
         source = dict(model_name=model_name)
     elif weights is None:
         raise MissingWeightsError(_no_weights_message(model_name, None, "no --clip-weights given"))
@@ -73,7 +79,9 @@ def load_clip(model_name: str, weights: str | None, device: str | torch.device =
             raise MissingWeightsError(_no_weights_message(model_name, weights, "this run is offline"))
         source = dict(model_name=model_name, pretrained=weights)
     else:
-        raise MissingWeightsError(_no_weights_message(model_name, weights, f"{weights!r} is neither a file nor a pretrained tag"))
+        raise MissingWeightsError(
+            _no_weights_message(model_name, weights, f"{weights!r} is neither a file nor a pretrained tag")
+        )
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(**source, **kwargs)
         tokenizer = open_clip.get_tokenizer(model_name)
@@ -87,7 +95,14 @@ def load_clip(model_name: str, weights: str | None, device: str | torch.device =
 class ClipScorer:
     """Scores (image, prompt) pairs with one CLIP model."""
 
-    def __init__(self, model_name: str, weights: str | None, device: str | torch.device = "cpu", batch_size: int = 32, offline: bool = False):
+    def __init__(
+        self,
+        model_name: str,
+        weights: str | None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        offline: bool = False,
+    ):
         self.model_name, self.weights = model_name, weights
         self.device, self.batch_size = torch.device(device), batch_size
         self.model, self.preprocess, self.tokenizer = load_clip(model_name, weights, self.device, offline)
@@ -102,7 +117,9 @@ class ClipScorer:
             ims = images[start : start + self.batch_size]
             pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in ims]).to(self.device)  # (B, 3, S, S)
             tokens = self.tokenizer(list(prompts[start : start + self.batch_size])).to(self.device)  # (B, L)
-            out.append(clip_score_from_embeddings(self.model.encode_image(pixels), self.model.encode_text(tokens)).cpu())
+            out.append(
+                clip_score_from_embeddings(self.model.encode_image(pixels), self.model.encode_text(tokens)).cpu()
+            )
         return torch.cat(out)
 
     def scores_of_files(self, paths: Sequence[Path], prompts: Sequence[str]) -> torch.Tensor:

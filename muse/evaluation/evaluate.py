@@ -68,7 +68,9 @@ def evaluate(
         files = [out_dir / r.file for r in result.records]
         images_id = [(r.file, r.prompt) for r in result.records]
         if clip is not None:
-            values = cache.get([clip.fingerprint(), images_id], lambda: _clip_values(clip, files, result))
+            values = cache.get(
+                [clip.fingerprint(), images_id], lambda files=files, result=result: _clip_values(clip, files, result)
+            )
             row.update(values)
         if fid is not None:
             if len(files) < 2:
@@ -77,7 +79,8 @@ def evaluate(
                 size = _image_size(files[0])
                 signature = [fid.fingerprint(), fid.reference_id(fid_reference, size), images_id]
                 row["fid"] = cache.get(
-                    signature, lambda: {"fid": _fid(fid, files, fid_reference, size, references, out_dir)}
+                    signature,
+                    lambda files=files, size=size: {"fid": _fid(fid, files, fid_reference, size, references, out_dir)},
                 )["fid"]
         rows.append(row)
         _write_grid(out_dir, result, len(prompts), len(seeds), max_grid_images)

@@ -79,7 +79,9 @@ def check_plain_state_dict(path: Path) -> None:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a plain PyTorch state dict (torch.load(weights_only=True) refused it: {e})") from e
+        raise ValueError(
+            f"{path} is not a plain PyTorch state dict (torch.load(weights_only=True) refused it: {e})"
+        ) from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} is not a state dict of tensors")
 
@@ -160,7 +162,13 @@ def frechet_distance(a: dict, b: dict) -> float:
 class InceptionFID:
     """Inception features and FID statistics of image sets."""
 
-    def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 32, offline: bool = False):
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        offline: bool = False,
+    ):
         # heavy and used only for FID: imported when the first features are computed
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -168,7 +176,9 @@ class InceptionFID:
         check_plain_state_dict(self.weights)
         self.device, self.batch_size = torch.device(device), batch_size
         try:
-            self.extractor = FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE_LAYER], feature_extractor_weights_path=str(self.weights))
+            self.extractor = FeatureExtractorInceptionV3(
+                "inception-v3-compat", [FEATURE_LAYER], feature_extractor_weights_path=str(self.weights)
+            )
         except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatch
             raise ValueError(f"{self.weights} does not hold torch-fidelity's Inception-v3 weights: {e}") from e
         self.extractor.to(self.device)
@@ -176,10 +186,15 @@ class InceptionFID:
     @torch.no_grad()
     def features(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         """(N, 2048) float32 pool3 features of PIL images (of one size per batch)."""
-        out = [self.extractor(images_to_uint8(images[i : i + self.batch_size]).to(self.device))[0].cpu() for i in range(0, len(images), self.batch_size)]
+        out = [
+            self.extractor(images_to_uint8(images[i : i + self.batch_size]).to(self.device))[0].cpu()
+            for i in range(0, len(images), self.batch_size)
+        ]
         return torch.cat(out)
 
-    def features_of_files(self, paths: Sequence[Path], size: tuple[int, int] | None = None, progress: bool = False) -> torch.Tensor:
+    def features_of_files(
+        self, paths: Sequence[Path], size: tuple[int, int] | None = None, progress: bool = False
+    ) -> torch.Tensor:
         """Features of image files, read `batch_size` at a time; fitted to `size` (W, H) first when given."""
         out = []
         for i in tqdm(range(0, len(paths), self.batch_size), desc="inception features", disable=not progress):
@@ -201,11 +216,15 @@ class InceptionFID:
         }
         return hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:12]
 
-    def reference_statistics(self, folder: str | Path, size: tuple[int, int], cache_dir: Path | None = None) -> tuple[dict, int]:
+    def reference_statistics(
+        self, folder: str | Path, size: tuple[int, int], cache_dir: Path | None = None
+    ) -> tuple[dict, int]:
         """(statistics, number of images) of a reference folder fitted to `size` (W, H); cached in `cache_dir` as
         fid_reference_<reference_id>.npz."""
         files = list_images(folder)
-        cache = Path(cache_dir) / f"fid_reference_{self.reference_id(folder, size)}.npz" if cache_dir is not None else None
+        cache = (
+            Path(cache_dir) / f"fid_reference_{self.reference_id(folder, size)}.npz" if cache_dir is not None else None
+        )
         if cache is not None and cache.is_file():
             with np.load(cache) as z:
                 return {k: (int(z[k]) if k == "n" else z[k]) for k in z.files}, len(files)

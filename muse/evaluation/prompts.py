@@ -1,10 +1,10 @@
 """Prompt sets for evaluation: a text file, a JSON / JSONL / CSV file of captions, or a Hugging Face dataset column.
 
-    load_prompts("prompts.txt")                                   # one prompt per non-empty line
-    load_prompts("captions.json", column="caption")               # ["...", ...] or [{"caption": "..."}, ...]
-    load_prompts("captions.csv")                                  # a header row; the column is found by name
-    load_prompts("hf:nlphuji/mscoco_2014_5k_test_image_text_retrieval", column="caption", split="test")
-    load_prompts("/data/saved_dataset", column="text")            # a folder written by datasets' save_to_disk
+load_prompts("prompts.txt")                                   # one prompt per non-empty line
+load_prompts("captions.json", column="caption")               # ["...", ...] or [{"caption": "..."}, ...]
+load_prompts("captions.csv")                                  # a header row; the column is found by name
+load_prompts("hf:nlphuji/mscoco_2014_5k_test_image_text_retrieval", column="caption", split="test")
+load_prompts("/data/saved_dataset", column="text")            # a folder written by datasets' save_to_disk
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ DEFAULT_COLUMNS = ("caption", "prompt", "text")
 HF_PREFIX = "hf:"
 
 
-def load_prompts(source: str | Path, column: str | None = None, split: str = "train", limit: int | None = None) -> list[str]:
+def load_prompts(
+    source: str | Path, column: str | None = None, split: str = "train", limit: int | None = None
+) -> list[str]:
     """The prompts of `source`, in order, the first `limit` of them when given. Raises ValueError naming the
     problem when the source has no usable prompts (empty, missing column, non-text entries)."""
     source = str(source)
@@ -60,7 +62,9 @@ def _pick_column(available: list[str], column: str | None, where: str) -> str:
     for name in DEFAULT_COLUMNS:
         if name in available:
             return name
-    raise ValueError(f"{where}: no column named one of {list(DEFAULT_COLUMNS)}; pick one of {available} with --prompt-column")
+    raise ValueError(
+        f"{where}: no column named one of {list(DEFAULT_COLUMNS)}; pick one of {available} with --prompt-column"
+    )
 
 
 def _from_file(path: Path, column: str | None) -> list[Any]:

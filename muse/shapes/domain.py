@@ -63,7 +63,9 @@ def _is_heldout(colour: int, background: int, shape: int) -> bool:
 
 ALL_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
     (c, b, s)
-    for (ci, c), (bi, b), (si, s) in itertools.product(enumerate(COLOUR_NAMES), enumerate(COLOUR_NAMES), enumerate(SHAPES))
+    for (ci, c), (bi, b), (si, s) in itertools.product(
+        enumerate(COLOUR_NAMES), enumerate(COLOUR_NAMES), enumerate(SHAPES)
+    )
     if c != b
 )
 HELDOUT: tuple[tuple[str, str, str], ...] = tuple(
@@ -128,7 +130,9 @@ def sample_scenes(n: int, seed: int, split: str = "train", mention_prob: float =
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     g = torch.Generator().manual_seed(seed)
-    triples = torch.tensor([[COLOUR_NAMES.index(c), COLOUR_NAMES.index(b), SHAPES.index(s)] for c, b, s in SPLITS[split]])
+    triples = torch.tensor(
+        [[COLOUR_NAMES.index(c), COLOUR_NAMES.index(b), SHAPES.index(s)] for c, b, s in SPLITS[split]]
+    )
     which = torch.randint(len(triples), (n,), generator=g)
     pick = triples[torch.arange(n) % len(triples) if balanced else which]  # (n, 3)
     size = torch.randint(len(SIZES), (n,), generator=g)

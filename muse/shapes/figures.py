@@ -1,6 +1,6 @@
 """The README figures of a shapes model: a captioned grid of generated images, and one image decoded step by step.
 
-    python -m train.default_model --figures docs   # docs/default_model_grid.png and docs/default_model_decoding.png
+python -m train.default_model --figures docs   # docs/default_model_grid.png and docs/default_model_decoding.png
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def figure_decoding(pipe, prompt: str = FIGURE_PROMPTS[0], seed: int = 0, scale:
     is a 4x4 pixel patch of the final image) and the still-masked ones are grey."""
     steps: list[torch.Tensor] = []
     final = pipe(
-        prompt, generator=torch.Generator().manual_seed(seed), progress_bar=False, output_type="np",
+        prompt,
+        generator=torch.Generator().manual_seed(seed),
+        progress_bar=False,
+        output_type="np",
         callback=lambda i, t, tokens: steps.append(tokens[0].clone()),
     )[0]  # (64, 64, 3)
     f = pipe.vae_scale_factor
@@ -85,7 +88,9 @@ def figure_decoding(pipe, prompt: str = FIGURE_PROMPTS[0], seed: int = 0, scale:
         r, c = divmod(k, columns)
         x, y = pad + c * (side + pad), 22 + r * (side + text_h + pad)
         canvas.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
-        draw.text((x, y + side + 1), f"step {k + 1}: {int(known.sum())}/{known.numel()} tokens", fill="black", font=font)
+        draw.text(
+            (x, y + side + 1), f"step {k + 1}: {int(known.sum())}/{known.numel()} tokens", fill="black", font=font
+        )
     return canvas
 
 
