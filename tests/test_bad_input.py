@@ -331,6 +331,7 @@ def test_train_debug_flag_and_env_show_the_traceback(tmp_path, capsys, monkeypat
         main(argv)
 
 
+@pytest.mark.slow
 def test_python_dash_m_train_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("MUSE_DEBUG", None)
@@ -470,6 +471,7 @@ def test_resume_with_another_base_model_is_refused(lora_run, tokenizer, tmp_path
         train(config(tmp_path, images, max_train_steps=4, resume_from_checkpoint="latest", **LORA), components)
 
 
+@pytest.mark.slow
 def test_resume_mismatch_from_the_command_line_is_one_line(published_dirs, tmp_path, capsys):
     base = str(published_dirs("tiny-256"))
     images = _images(tmp_path)

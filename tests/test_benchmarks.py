@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -18,6 +20,7 @@ def load_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_speed_benchmark_reports_both_pipelines_with_equal_tokens(tmp_path):
     speed = load_script("speed")
     speed.main(["--tiny", "--device", "cpu", "--layouts", "256", "512", "--batches", "1", "--out", str(tmp_path)])

@@ -51,6 +51,7 @@ def picture(path, size=32):
     return path
 
 
+@pytest.mark.slow
 def test_generate_several_images_writes_each_and_a_grid(model_dir, pipe, tmp_path, capsys):
     out = tmp_path / "cats"
     assert (
@@ -85,6 +86,7 @@ def test_generate_several_images_writes_each_and_a_grid(model_dir, pipe, tmp_pat
     assert np.array_equal(np.asarray(grid)[:32, 32:], want[1])
 
 
+@pytest.mark.slow
 def test_generate_one_image_to_a_file_with_size(model_dir, pipe, tmp_path):
     out = tmp_path / "one.png"
     assert (
@@ -143,6 +145,7 @@ def test_img2img(model_dir, pipe, tmp_path):
     assert np.array_equal(np.asarray(PIL.Image.open(out)), want[0])
 
 
+@pytest.mark.slow
 def test_inpaint_with_paste(model_dir, pipe, tmp_path):
     image = picture(tmp_path / "in.png")
     m = np.zeros((32, 32), np.uint8)
@@ -230,6 +233,7 @@ def test_subcommands_can_be_registered_from_other_modules(monkeypatch, capsys):
     assert cli.main(["hello", "--name", "muse"]) == 0 and calls == ["muse"]
 
 
+@pytest.mark.slow
 def test_the_muse_console_script_generates_with_a_progress_bar(model_dir, tmp_path):
     out = tmp_path / "cli.png"
     r = run_muse(["generate", "a cat", "--model", model_dir, "--steps", STEPS, "--seed", "0", "--out", str(out)])
@@ -247,6 +251,7 @@ def test_muse_help_lists_every_subcommand_and_python_dash_m_muse_is_the_same():
     assert alias.returncode == 0 and alias.stdout.replace("python -m muse", "muse") == listed
 
 
+@pytest.mark.slow
 def test_muse_generate_on_the_embedded_model_runs_offline_without_the_training_code(tmp_path):
     """No --model: the embedded model, no network (HF_HUB_OFFLINE), and `train` is never imported."""
     out = tmp_path / "red.png"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import convert
@@ -35,6 +36,7 @@ def test_published_to_ours_prints_a_summary(published_dirs, tmp_path, capsys):
     assert _siblings(dst) == ["ours"]  # no temporary folder left beside it
 
 
+@pytest.mark.slow
 def test_fp16_variant_to_diffusers_writes_variant_files(published_dirs, tmp_path, capsys):
     dst = tmp_path / "diffusers16"
     assert (
@@ -89,12 +91,14 @@ def test_failed_overwrite_keeps_the_old_dst(tmp_path, capsys):
     assert (dst / "keep.txt").read_text() == "old"
 
 
+@pytest.mark.slow
 def test_the_muse_console_script_converts(published_dirs, tmp_path):
     dst = tmp_path / "ours"
     proc = run_muse(["convert", str(published_dirs("tiny-256")), str(dst)], cwd=tmp_path)
     assert "converted" in proc.stdout and (dst / "muse.json").is_file()
 
 
+@pytest.mark.slow
 def test_python_dash_m_convert_runs(published_dirs, tmp_path):
     dst = tmp_path / "ours"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

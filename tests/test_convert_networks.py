@@ -172,6 +172,7 @@ def test_unpublished_uvit_config_converts_and_matches():
         assert relative_error(ours(*inputs), ref(*inputs)) <= REL_TOL
 
 
+@pytest.mark.slow
 def test_unpublished_vqgan_config_converts_and_matches():
     from diffusers import VQModel
 

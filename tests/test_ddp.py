@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -26,6 +27,7 @@ def run(args: list[str], launcher: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_weights_as_one_with_the_same_global_batch(tmp_path, published_dirs):
     threads = torch.get_num_threads()
     images = tmp_path / "img"

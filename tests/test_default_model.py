@@ -71,6 +71,7 @@ def test_the_cli_generates_with_the_embedded_model(tmp_path):
     assert judge_one(pixels).shape is not None  # a shape on a background, not a blank image (adherence: see below)
 
 
+@pytest.mark.slow
 @shipped
 def test_shipped_vqgan_psnr_on_heldout_images(pipe):
     report = vq_report(pipe.vqvae, "cpu", num_images=256)
@@ -82,6 +83,7 @@ def test_shipped_vqgan_psnr_on_heldout_images(pipe):
     assert report["usage"] >= 0.5  # dead-code restarts keep most of the codebook alive
 
 
+@pytest.mark.slow
 @shipped
 def test_the_judge_reads_what_the_shipped_vqgan_reconstructs(pipe):
     """Generated images reach the judge through the VQ-GAN, which rounds small shapes' corners: on its reconstructions
@@ -98,6 +100,7 @@ def test_the_judge_reads_what_the_shipped_vqgan_reconstructs(pipe):
     assert report.accuracy >= 0.98, report.format()
 
 
+@pytest.mark.slow
 @shipped
 def test_heldout_prompt_adherence_at_default_settings(pipe):
     ev = evaluate_adherence(pipe, per_triple=2, progress=False)
@@ -179,6 +182,7 @@ def test_the_evaluation_prompts_of_each_split():
 # --- the recipe ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reduced_training_run_both_losses_fall_and_the_result_loads(tmp_path):
     report = build(Recipe.reduced(), tmp_path / "model", tmp_path / "work", "cpu", progress=False)
     assert report["vq_final_loss"] < 0.8 * report["vq_first_loss"], report

@@ -36,6 +36,7 @@ def run_usage(code: str, folder: str, out) -> object:
     return namespace["pipe"]
 
 
+@pytest.mark.slow
 def test_the_seed_usage_runs_unchanged_and_gives_the_reference_image(published_dirs, tmp_path):
     folder = str(published_dirs("tiny-256"))
     theirs = run_usage(SEED_USAGE, folder, tmp_path / "theirs.png")

@@ -217,6 +217,7 @@ def test_clip_score_is_100_times_cosine_clipped_at_zero():
     torch.testing.assert_close(scores, torch.tensor([100 / math.sqrt(2), 0.0, 0.0]))
 
 
+@pytest.mark.slow
 def test_clip_score_prefers_the_matching_caption(tmp_path):
     """Constructed case: a random ViT-S-32 whose text projection P is chosen so that caption A's pooled text
     feature t_A maps onto the image's embedding e and caption B's onto -e. P is the minimum-norm solution of
@@ -247,6 +248,7 @@ def test_clip_score_prefers_the_matching_caption(tmp_path):
 # --- FID -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(fid_metric, tmp_path):
     """The reference set is read from a folder (the command's path); the generated sets are the same images with
     Gaussian pixel noise of growing strength (one fixed noise pattern, scaled)."""
@@ -347,6 +349,7 @@ def test_command_stops_before_generating_when_weights_are_missing(tmp_path, monk
 # --- the reports -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_writes_table_plot_and_grids(tmp_path, clip_weights, fid_metric):
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -453,6 +456,7 @@ def _check_results(out, num_settings, num_images):
     return rows
 
 
+@pytest.mark.slow
 def test_command_end_to_end_on_a_tiny_model_resumes(tmp_path, published_dirs, clip_weights, inception_weights):
     """A random tiny aMUSEd (32x32 images) in the published layout: generate, score, write; run again: nothing is
     generated again and the numbers are the same."""
@@ -475,6 +479,7 @@ def test_command_end_to_end_on_a_tiny_model_resumes(tmp_path, published_dirs, cl
     assert [(r["clip_score"], r["fid"]) for r in second] == [(r["clip_score"], r["fid"]) for r in first]
 
 
+@pytest.mark.slow
 def test_command_end_to_end_on_the_embedded_default_model(tmp_path, clip_weights, inception_weights):
     """The shipped default model (64x64 synthetic shapes) on a handful of captions of its domain; FID against shapes
     rendered by muse.shapes."""

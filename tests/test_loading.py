@@ -223,6 +223,7 @@ def test_our_format_is_readable_json_and_safetensors(ours_dir):
     assert "layers.0.attn.q.weight" in names  # our parameter names, not diffusers'
 
 
+@pytest.mark.slow
 def test_our_format_and_published_folders_load_without_diffusers(ours_dir, published_dirs):
     """Library code never imports diffusers: load both formats with `import diffusers` made to fail."""
     import subprocess

@@ -296,6 +296,7 @@ def test_forward_flat_is_the_original_interface(reference_pipelines):
     assert ((flat - grid.flatten(2).transpose(1, 2)).abs().max() / grid.abs().max()).item() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.safetensors"])
 def test_open_muse_folder_loads_through_load_components(weights, reference_pipelines, tmp_path):
     pipe = reference_pipelines("tiny-512")

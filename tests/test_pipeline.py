@@ -65,6 +65,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", ["tiny-256", "tiny-512"])
 def test_text_to_image_matches_reference(kind, case, ours, reference):
@@ -94,6 +95,7 @@ def test_prompt_embeddings_with_negative_embeddings_match_reference(ours, refere
     assert_same(run_ours(pipe, 1, **emb), run_reference(ref, 1, **emb))
 
 
+@pytest.mark.slow
 def test_prompt_embeddings_without_negative_ones_use_the_empty_negative_prompt(ours):
     # the reference crashes here (it takes len(prompt) of None); we encode "" for each row, as for a text prompt
     pipe = ours("tiny-256")
@@ -103,6 +105,7 @@ def test_prompt_embeddings_without_negative_ones_use_the_empty_negative_prompt(o
     assert torch.equal(from_embeddings[0], from_text[0])
 
 
+@pytest.mark.slow
 def test_a_single_negative_prompt_applies_to_every_prompt(ours):
     pipe = ours("tiny-256")
     one = run_ours(pipe, 4, prompt=["a cat", "a dog"], negative_prompt="blurry", num_inference_steps=FEW_STEPS)
@@ -115,6 +118,7 @@ def test_a_single_negative_prompt_applies_to_every_prompt(ours):
 # --- seeds and generators ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_different_seed_different_image(ours):
     pipe = ours("tiny-256")
     a = run_ours(pipe, 5, prompt="a cat", num_inference_steps=FEW_STEPS)
@@ -181,6 +185,7 @@ def test_knobs_change_the_result(ours, knob):
     assert not torch.equal(run_ours(pipe, 0, **knob, **common)[0], run_ours(pipe, 0, **common)[0])
 
 
+@pytest.mark.slow
 def test_half_precision_runs(published_dirs):
     pipe = Pipeline.from_pretrained(str(published_dirs("tiny-256")), dtype=torch.bfloat16)
     out = pipe(

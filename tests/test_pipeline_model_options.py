@@ -32,6 +32,7 @@ def latents(pipe, seed=0, **kwargs):
 # --- sampling defaults declared by a model -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_declared_defaults_apply_when_the_call_does_not_set_them(components):
     declared = make_pipe(components, sampling_defaults={"guidance_scale": 2.0, "temperature": [1.0, 0.0]})
     plain = make_pipe(components)
@@ -55,6 +56,7 @@ def test_unknown_declared_default_is_refused_at_construction(components):
         make_pipe(components, sampling_defaults={"num_inference_steps": 0})
 
 
+@pytest.mark.slow
 def test_declared_defaults_round_trip_through_our_format(components, tmp_path):
     c = copy.copy(components)
     c.scheduler_config = {**components.scheduler_config, "sampling_defaults": {"guidance_scale": 3.0}}
@@ -79,6 +81,7 @@ def _trained_adapter(c, tmp_path, fmt):
     return model, save_lora(model, tmp_path / fmt, fmt=fmt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["muse", "peft"])
 def test_load_lora_gives_the_adapted_model(components, tmp_path, fmt):
     adapted, path = _trained_adapter(components, tmp_path, fmt)
@@ -118,6 +121,7 @@ def test_cuda_graphs_refuse_a_cpu_model(components):
 # --- torch.compile ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiled_transformer_gives_the_eager_tokens(components):
     """`compile_transformer` routes the decoding loop's U-ViT call through torch.compile: the same tokens. (Inductor
     may fuse and reorder fp32 arithmetic, so logits can differ by ulps; at the tiny config no token flips, and the
@@ -128,6 +132,7 @@ def test_compiled_transformer_gives_the_eager_tokens(components):
     assert compiled_pipe._transformer_forward is not None  # the compiled call is what ran
 
 
+@pytest.mark.slow
 def test_cli_uses_the_declared_defaults_unless_given(components, tmp_path):
     import numpy as np
     from PIL import Image

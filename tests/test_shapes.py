@@ -159,6 +159,7 @@ def judged_ground_truth():
     return scenes, judge(render(scenes))
 
 
+@pytest.mark.slow
 def test_judge_reads_rendered_ground_truth_nearly_perfectly(judged_ground_truth):
     scenes, verdicts = judged_ground_truth
     report = summarise([score(scenes.attributes(i), v) for i, v in enumerate(verdicts)])
@@ -194,6 +195,7 @@ def rounded(images: torch.Tensor, passes: int = 2) -> torch.Tensor:
     return images
 
 
+@pytest.mark.slow
 def test_judge_reads_shapes_with_rounded_corners():
     """Blurred shapes (what a decoder makes of small triangles: fill alone reads them as circles) keep their class:
     an upward triangle's mass still sits low in its box."""

@@ -58,6 +58,7 @@ def run_here(module: str, args: list[str]) -> None:
     assert importlib.import_module(module).main(args) == 0
 
 
+@pytest.mark.slow
 def test_style_recipe_end_to_end(tmp_path, published_dirs):
     """Step 1 from one image (LoRA, fp16 flags as published, wandb offline), generate candidates with the adapters,
     step 2 on a folder resuming the latest checkpoint."""

@@ -143,6 +143,7 @@ def test_sampler_shards_the_global_batch_and_resumes_exactly():
     assert next(resumed) == stream[3 * batch * world : 4 * batch * world]
 
 
+@pytest.mark.slow
 def test_pre_encoded_cache_holds_what_the_models_compute(tmp_path, folder):
     from convert.clip_tokenizer import offline_clip_tokenizer
     from muse.text import encode_text

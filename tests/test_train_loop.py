@@ -74,6 +74,7 @@ def config(tmp_path: Path, images: Path, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_small_model_overfits_a_few_images(tmp_path, tokenizer):
     """4 images, batch 4, lr 1e-2: within 100 steps the loss (mean of the last 10) falls at least 2.5x below the
     first step's (about ln 64 = 4.16 at the start)."""
@@ -219,6 +220,7 @@ train(config(tmp, images, max_train_steps=6, checkpointing_steps=2), tiny_compon
 """
 
 
+@pytest.mark.slow
 def test_save_killed_mid_write_leaves_resume_on_the_previous_checkpoint(tmp_path, tokenizer):
     images = make_images(tmp_path / "img")
     marker = tmp_path / "saving"
@@ -341,6 +343,7 @@ def test_training_the_text_encoder(tmp_path, tokenizer, te_lora):
         assert (tmp_path / "out/text_encoder/config.json").is_file()
 
 
+@pytest.mark.slow
 def test_8bit_adamw_on_cpu_lowers_the_loss(tmp_path, tokenizer):
     import bitsandbytes as bnb
 

@@ -87,6 +87,7 @@ def test_logits_match_reference(pair, case):
     assert relative_error(got, expected) <= REL_TOL
 
 
+@pytest.mark.slow
 def test_weight_gradients_match_reference(pair):
     """d(cross-entropy)/d(every weight), ours mapped to diffusers' names and layouts, per tensor within 1e-4 of
     the tensor's largest reference gradient. Non-square grid and a 5-token text, to keep the full-size run short."""
@@ -137,6 +138,7 @@ def test_channels_last_forward_is_forward_transposed(reference_pipelines):
         assert torch.equal(ours.forward_channels_last(*inputs).permute(0, 3, 1, 2), ours(*inputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tiny-256", "tiny-512"])
 def test_prepared_conditioning_gives_the_same_logits(reference_pipelines, kind):
     """The decoding loop prepares the text-only part of the network once (modulations, cross-attention keys and
@@ -194,6 +196,7 @@ def _loss_gradients(model: UViT, inputs) -> dict[str, torch.Tensor]:
     return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tiny-256", "tiny-512"])
 def test_gradient_checkpointing_gives_equal_gradients(reference_pipelines, kind):
     """Recomputing each block in the backward pass gives the very gradients of the plain backward pass."""
@@ -205,6 +208,7 @@ def test_gradient_checkpointing_gives_equal_gradients(reference_pipelines, kind)
     assert_same_gradients(plain, checkpointed)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_blocks(reference_pipelines):
     """The switch really checkpoints: each block's forward runs again during the backward pass (twice in all),
     and once without it. (The reference's switch was first a silent no-op, then a crash.)"""

@@ -86,6 +86,7 @@ def test_decoded_pixels_match_reference(pair):
     assert (got - expected).abs().max() <= PIXEL_TOL
 
 
+@pytest.mark.slow
 def test_training_forward_matches_reference(reference_pipelines):
     """The continuous path training uses: latents -> straight-through quantisation -> reconstruction, its
     codebook/commitment loss (the reference's weighting), and the gradients of reconstruction + VQ loss with respect
@@ -144,6 +145,7 @@ def _training_gradients(model: VQGAN, pixels: torch.Tensor) -> dict[str, torch.T
     return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_equal_gradients(reference_pipelines):
     ref = reference_pipelines("tiny-256").vqvae
     model = vqgan_from_diffusers(dict(ref.config), ref.state_dict()).train()
@@ -153,6 +155,7 @@ def test_gradient_checkpointing_gives_equal_gradients(reference_pipelines):
     assert_same_gradients(plain, checkpointed)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_blocks(reference_pipelines):
     """Each checkpointed encoder/decoder block runs its forward again during the backward pass."""
     ref = reference_pipelines("tiny-256").vqvae
@@ -215,6 +218,7 @@ def scale_decoder_stream_(vq, s: float):
     return vq
 
 
+@pytest.mark.slow
 def test_fp16_decode_stays_finite_where_reference_overflows():
     """Where the reference overflows in fp16, and that ours does not.
 
