@@ -620,6 +620,7 @@ CONVERT_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CONVERT_CASES))
 def test_convert_refuses_bad_weights_and_configs(case, published, tmp_path, capsys):
     from convert.__main__ import main

@@ -117,6 +117,7 @@ def test_generate_one_image_to_a_file_with_size(model_dir, pipe, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_img2img(model_dir, pipe, tmp_path):
     image = picture(tmp_path / "in.png")
     out = tmp_path / "edit.png"

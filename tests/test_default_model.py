@@ -114,6 +114,7 @@ def test_heldout_prompt_adherence_at_default_settings(pipe):
     assert ev.report.per_attribute["shape"] > 1.5 * CHANCE["shape"]
 
 
+@pytest.mark.slow
 @shipped
 def test_the_shapes_eval_command_passes_its_sampling_options(tmp_path, pipe, monkeypatch):
     """`python -m muse shapes-eval` with non-default sampling options: they reach the pipeline, and the report and

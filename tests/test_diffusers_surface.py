@@ -58,6 +58,7 @@ def test_variant_and_torch_dtype_load_the_fp16_files(published_dirs):
         Pipeline.from_pretrained(str(published_dirs("tiny-256")), dtype=torch.float32, torch_dtype=torch.float16)
 
 
+@pytest.mark.slow
 def test_np_output_answers_images_as_diffusers_output_does(published_dirs):
     pipe = Pipeline.from_pretrained(str(published_dirs("tiny-256")))
     out = pipe(
@@ -68,6 +69,7 @@ def test_np_output_answers_images_as_diffusers_output_does(published_dirs):
     assert pil.images is pil and np.array_equal(np.asarray(pil.images[0]), np.asarray(pil[0]))
 
 
+@pytest.mark.slow
 def test_load_lora_weights_and_to_take_diffusers_arguments(published_dirs, tmp_path):
     folder = str(published_dirs("tiny-256"))
     pipe = Pipeline.from_pretrained(folder)

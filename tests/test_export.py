@@ -31,6 +31,7 @@ def _load_diffusers(folder, **kw):
     return AmusedPipeline.from_pretrained(folder, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tiny-256", "tiny-512"])
 def test_exported_weights_are_the_reference_weights(kind, exported, reference_pipelines):
     _, folder = exported(kind)
@@ -46,6 +47,7 @@ def test_exported_weights_are_the_reference_weights(kind, exported, reference_pi
     assert pipe.scheduler.config.masking_schedule == ref.scheduler.config.masking_schedule
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tiny-256", "tiny-512"])
 def test_exported_components_compute_what_ours_compute(kind, exported):
     ours, folder = exported(kind)
@@ -73,6 +75,7 @@ def test_exported_components_compute_what_ours_compute(kind, exported):
     )
 
 
+@pytest.mark.slow
 def test_exported_pipeline_generates_the_reference_image(exported, reference_pipelines):
     """A short AmusedPipeline call on the exported folder gives the reference pipeline's image exactly."""
     _, folder = exported("tiny-256")

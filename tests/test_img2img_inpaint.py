@@ -109,6 +109,7 @@ class FirstInput:
 # --- image to image ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strength", [0.3, 0.5, 0.9])
 def test_img2img_matches_reference(strength, ours, ref_img2img):
     args = dict(prompt="a watercolour", image=picture(1), strength=strength)
@@ -116,6 +117,7 @@ def test_img2img_matches_reference(strength, ours, ref_img2img):
     assert_same(run_ours(ours("tiny-256").img2img, 0, **args), theirs)
 
 
+@pytest.mark.slow
 def test_img2img_512_layout_batch_matches_reference(ours, ref_img2img):
     args = dict(
         prompt=["a cat", "a dog"],
@@ -129,6 +131,7 @@ def test_img2img_512_layout_batch_matches_reference(ours, ref_img2img):
     assert_same(run_ours(ours("tiny-512").img2img, 3, **args), theirs)
 
 
+@pytest.mark.slow
 def test_img2img_at_full_strength_masks_every_token(ours, ref_img2img):
     pipe = ours("tiny-256")
     with FirstInput(pipe.transformer) as spy:

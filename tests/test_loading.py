@@ -67,6 +67,7 @@ def tokens(tokenizer):
 # --- fp32 -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", TINY + FULL_UVIT)
 def test_uvit_logits_match_diffusers(kind, loaded, reference_pipelines):
     ours, ref = loaded(kind).transformer, reference_pipelines(kind).transformer

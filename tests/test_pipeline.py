@@ -73,6 +73,7 @@ def test_text_to_image_matches_reference(kind, case, ours, reference):
     assert_same(run_ours(ours(kind), 0, **args), run_reference(reference(kind), 0, **args))
 
 
+@pytest.mark.slow
 def test_non_square_size_matches_reference(ours, reference):
     args = dict(prompt="a wide landscape", height=24, width=40, num_inference_steps=6)  # tiny VQ: 4 px per token
     assert_same(run_ours(ours("tiny-256"), 3, **args), run_reference(reference("tiny-256"), 3, **args))
@@ -142,6 +143,7 @@ def test_a_list_of_generators_gives_each_image_its_own(ours):
 # --- outputs and options ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_output_types(ours):
     pipe = ours("tiny-512")
     common = dict(prompt=["a", "b"], num_inference_steps=2, progress_bar=False)
@@ -156,6 +158,7 @@ def test_output_types(ours):
     assert np.array_equal(np.asarray(pil[1]), (arr[1] * 255).round().astype(np.uint8))
 
 
+@pytest.mark.slow
 def test_callback_sees_every_step(ours):
     seen = []
     ours("tiny-256")(
@@ -169,6 +172,7 @@ def test_callback_sees_every_step(ours):
     assert seen[-1][2] == 0 and all(a[2] > b[2] for a, b in zip(seen, seen[1:]))
 
 
+@pytest.mark.slow
 def test_mask_counts_relative_to_masked_tokens_equal_sequence_counts_from_scratch(ours):
     # from an all-masked grid the two bases coincide
     pipe = ours("tiny-256")
@@ -176,6 +180,7 @@ def test_mask_counts_relative_to_masked_tokens_equal_sequence_counts_from_scratc
     assert torch.equal(run_ours(pipe, 0, mask_count_base="masked", **common)[0], run_ours(pipe, 0, **common)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "knob", [dict(guidance_schedule="linear"), dict(masking_schedule="arccos"), dict(sampling_temperature=0.5)]
 )

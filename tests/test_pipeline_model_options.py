@@ -41,6 +41,7 @@ def test_declared_defaults_apply_when_the_call_does_not_set_them(components):
     assert not torch.equal(latents(declared), latents(plain))
 
 
+@pytest.mark.slow
 def test_call_arguments_override_declared_defaults(components):
     declared = make_pipe(components, sampling_defaults={"guidance_scale": 2.0})
     plain = make_pipe(components)
@@ -92,6 +93,7 @@ def test_load_lora_gives_the_adapted_model(components, tmp_path, fmt):
     assert not torch.equal(latents(pipe), base)  # the adapter changed the images
 
 
+@pytest.mark.slow
 def test_load_lora_merged_equals_unmerged(components, tmp_path):
     _, path = _trained_adapter(components, tmp_path, "muse")
     ids = torch.randint(0, 64, (2, 8, 8))

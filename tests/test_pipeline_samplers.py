@@ -76,6 +76,7 @@ def masked_counts(history, mask_id):
 # --- every sampler, every call -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_text_to_image_with_every_sampler_keeps_the_schedule(pipe, name):
     seen, reference = Steps(), Steps()

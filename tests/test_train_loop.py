@@ -124,6 +124,7 @@ def _assert_same(a, b, where=""):
         assert a == b, where
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe",
     [
@@ -359,6 +360,7 @@ def test_8bit_adamw_on_cpu_lowers_the_loss(tmp_path, tokenizer):
     assert bnb.__version__
 
 
+@pytest.mark.slow
 def test_training_from_a_pre_encoded_cache_frees_the_encoders(tmp_path, tokenizer):
     images = make_images(tmp_path / "img", broken=True)
     comps = tiny_components(tokenizer)

@@ -164,6 +164,7 @@ def test_prepared_conditioning_for_other_rows_raises(tiny_512):
             tiny_512.forward_prepared(ids[:1], cond)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tiny-256", "tiny-512"])
 def test_dropout_matches_reference_in_training_mode(kind):
     """With dropout on and the same seed, training-mode logits are equal: our dropouts sit where the reference's do
