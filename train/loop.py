@@ -406,9 +406,9 @@ def validate(cfg, components, transformer, vqvae, text_encoder, tokenizer, ema, 
             module.to(where)
     folder = out / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
-    for i, (image, prompt) in enumerate(zip(images, cfg.validation_prompts)):
-        image.save(folder / f"{i:02d}.png")
-    (folder / "prompts.json").write_text(json.dumps(list(cfg.validation_prompts), indent=2))
+    for i, image in enumerate(images):  # whole files or none, as every output of a run
+        files.save_png_atomic(image, folder / f"{i:02d}.png")
+    files.write_text_atomic(folder / "prompts.json", json.dumps(list(cfg.validation_prompts), indent=2))
     tracker.log_images(images, cfg.validation_prompts, step)
     log.info("validation images: %s", folder)
 
