@@ -10,7 +10,7 @@ from uvit import UViT, UViTConfig
 from vqgan import VQGAN, VQGANConfig
 
 from .diffusers_keys import UVIT_KEYMAP, VQGAN_KEYMAP
-from .mapping import to_ours, to_theirs
+from .mapping import ConversionError, to_ours, to_theirs
 
 # the diffusers version whose config format these dicts follow (written into exported config.json files)
 DIFFUSERS_VERSION = "0.42.1"
@@ -43,6 +43,11 @@ def vqgan_from_diffusers(
 
 def uvit_to_diffusers(model: UViT) -> tuple[dict, dict[str, torch.Tensor]]:
     """Our UViT -> (diffusers `UVit2DModel` config dict, state dict under diffusers names)."""
+    if model.config.position_embedding is not None:
+        raise ConversionError(
+            f"this U-ViT uses position_embedding={model.config.position_embedding!r}, which diffusers' UVit2DModel "
+            "does not have: it can be saved in our format only"
+        )
     config = {"_class_name": "UVit2DModel", "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_dict()}
     return config, to_theirs(model, UVIT_KEYMAP)
 

@@ -13,6 +13,8 @@ errors of order 1).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -345,3 +347,36 @@ def test_parameter_count_is_published(preset, published):
         ref = UVit2DModel(**cfg.to_dict())
     assert sum(p.numel() for p in ours.parameters()) == published
     assert sum(p.numel() for p in ref.parameters()) == published
+
+
+# --- ours beyond the reference: absolute positions -----------------------------------------------------------------
+
+
+def test_without_positions_masked_interior_tokens_are_indistinguishable_and_sincos_tells_them_apart():
+    """An all-masked grid (the first decoding step): the published layout knows a token's place only through the
+    convolutions' zero padding, so interior tokens (at the same place of their 2x2 resampling cell) get the very same
+    logits; position_embedding="sincos" (no
+    parameters, the same state dict) gives every token its own."""
+    cfg = UViTConfig.tiny(downsample=True, upsample=True, sample_size=16)
+    plain = UViT(cfg).eval()
+    placed = UViT(dataclasses.replace(cfg, position_embedding="sincos")).eval()
+    assert plain.state_dict().keys() == placed.state_dict().keys()
+    placed.load_state_dict(plain.state_dict())
+    ids = torch.full((1, 16, 16), cfg.mask_token_id)
+    text = torch.randn(1, 77, cfg.encoder_hidden_size), torch.randn(1, cfg.cond_embed_dim), torch.randn(1, 5)
+    with torch.no_grad():
+        a, b = plain(ids, *text)[0], placed(ids, *text)[0]  # (K, 16, 16)
+    # the same place in its 2x2 cell (the down/upsampling's kernel position), away from the border
+    interior = a[:, 6:12:2, 6:12:2].reshape(a.shape[0], -1)
+    assert torch.equal(interior, interior[:, :1].expand_as(interior))
+    distinct = {tuple(b[:, i, j].round(decimals=4).tolist()) for i in range(16) for j in range(16)}
+    assert len(distinct) == 16 * 16
+
+
+def test_a_position_embedding_is_refused_by_the_diffusers_export():
+    from convert import ConversionError, uvit_to_diffusers
+
+    with pytest.raises(ConversionError, match="position_embedding"):
+        uvit_to_diffusers(UViT(UViTConfig.tiny(position_embedding="sincos")))
+    with pytest.raises(ValueError, match="position_embedding must be one of"):
+        UViTConfig.tiny(position_embedding="learned")

@@ -20,6 +20,7 @@ and are restarted on latents of the current batch (with a little noise), and the
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -48,6 +49,9 @@ class VQTrainConfig:
     grad_clip: float = 1.0
     l1_weight: float = 1.0
     l2_weight: float = 1.0
+    # edge-aware reconstruction: pixels within one pixel of an edge of x (a 3x3 neighbourhood that is not flat) weigh
+    # 1 + edge_weight in the L1 and MSE terms (0 = off: every pixel weighs 1)
+    edge_weight: float = 0.0
     codebook_weight: float = 1.0
     commitment_weight: float = 0.25
     # perceptual loss: only when the user supplies VGG16 weights (a torchvision `vgg16` state dict, safetensors or .pt)
@@ -59,6 +63,11 @@ class VQTrainConfig:
     disc_lr: float = 1e-4
     disc_channels: int = 64
     disc_layers: int = 3
+    # codebook initialisation: "random" (the Embedding's N(0, 1)) or "data": every code set to a latent of the first
+    # batch (plus restart_noise), so that quantisation keeps the images apart from the first step. With N(0, 1) codes
+    # and small initial latents all latents pick the same code, and the decoder learns the mean image until the
+    # first restart (docs/default_model.md)
+    init_codes: str = "random"
     # dead-code restarts
     restart_every: int = 100  # window (steps) over which usage is counted; 0 = never restart
     restart_noise: float = 0.01
@@ -72,10 +81,25 @@ class VQTrainConfig:
 # --- losses ------------------------------------------------------------------------------------------------------
 
 
+def edge_map(x: torch.Tensor, threshold: float = 1e-3) -> torch.Tensor:
+    """(B, 1, H, W) float: 1 where the 3x3 neighbourhood of a pixel of x (B, C, H, W) is not flat (max - min over it
+    and the channels above `threshold`), else 0. On flat-coloured scenes: the shapes' outlines, two pixels wide."""
+    hi = F.max_pool2d(x, 3, stride=1, padding=1)
+    lo = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    return ((hi - lo).amax(dim=1, keepdim=True) > threshold).float()
+
+
 def reconstruction_loss(
-    x: torch.Tensor, x_hat: torch.Tensor, l1_weight: float = 1.0, l2_weight: float = 1.0
+    x: torch.Tensor, x_hat: torch.Tensor, l1_weight: float = 1.0, l2_weight: float = 1.0, edge_weight: float = 0.0
 ) -> torch.Tensor:
-    return l1_weight * F.l1_loss(x_hat, x) + l2_weight * F.mse_loss(x_hat, x)
+    """l1_weight * L1 + l2_weight * MSE, per pixel weighted 1 + edge_weight on the edges of x (`edge_map`), the
+    weighted means normalised by the mean weight (so edge_weight = 0 is the plain L1 + MSE)."""
+    if not edge_weight:
+        return l1_weight * F.l1_loss(x_hat, x) + l2_weight * F.mse_loss(x_hat, x)
+    w = 1 + edge_weight * edge_map(x)
+    w = w / w.mean()
+    d = x_hat - x
+    return l1_weight * (d.abs() * w).mean() + l2_weight * (d.pow(2) * w).mean()
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -277,6 +301,15 @@ def train_vqgan(
     perceptual = PerceptualLoss(cfg.perceptual_weights).to(device) if cfg.perceptual_weights else None
     usage = CodebookUsage(model.quantizer.num_codes)
     last_layer = model.decoder.conv_out.weight
+    if cfg.init_codes == "data":
+        first = next(batches)
+        batches = itertools.chain([first], batches)
+        with torch.no_grad():
+            z0 = model.encode_latents(first)
+        all_codes = torch.ones(model.quantizer.num_codes, dtype=torch.bool)
+        restart_dead_codes(model.quantizer, z0, all_codes, gen, max(cfg.restart_noise, 0.1))
+    elif cfg.init_codes != "random":
+        raise ValueError(f"init_codes must be 'random' or 'data', got {cfg.init_codes!r}")
     history: list[dict] = []
     t0 = time.time()
     for step in trange(cfg.steps, disable=not progress, desc="vq-gan"):
@@ -284,7 +317,7 @@ def train_vqgan(
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
         x = next(batches)
         x_hat, q, z = vq_step(model, x)
-        rec = reconstruction_loss(x, x_hat, cfg.l1_weight, cfg.l2_weight)
+        rec = reconstruction_loss(x, x_hat, cfg.l1_weight, cfg.l2_weight, cfg.edge_weight)
         if perceptual is not None:
             rec = rec + cfg.perceptual_weight * perceptual(x, x_hat)
         loss = rec + cfg.codebook_weight * q.codebook_loss + cfg.commitment_weight * q.commitment_loss

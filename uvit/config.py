@@ -30,6 +30,9 @@ _POSITIVE = (
 )
 
 
+POSITION_EMBEDDINGS = (None, "sincos")
+
+
 @dataclass
 class UViTConfig:
     # global
@@ -61,6 +64,10 @@ class UViTConfig:
     ln_elementwise_affine: bool = True
     # default token grid side (tokens), used by pipelines to pick the default image size
     sample_size: int = 16
+    # absolute position of each token (ours; the published models have none, they tell positions apart only through
+    # the convolutions' zero padding): None, or "sincos" (fixed 2D sines and cosines of the normalised row and
+    # column, added to the token embeddings and again at the transformer's input; no parameters)
+    position_embedding: str | None = None
 
     def __post_init__(self):
         problems = _type_problems(self)
@@ -88,6 +95,10 @@ class UViTConfig:
             problems.append(
                 f"vocab_size {self.vocab_size} must exceed codebook_size {self.codebook_size} (the mask id is vocab_size - 1)"
             )
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            problems.append(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+        if self.position_embedding and (self.block_out_channels % 4 or self.hidden_size % 4):
+            problems.append("position_embedding needs block_out_channels and hidden_size divisible by 4")
         if self.downsample != self.upsample:
             problems.append("downsample and upsample must be both on or both off, or the token grid would change size")
         if problems:
@@ -179,6 +190,7 @@ _TYPE_CHECKS = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "int | None": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(_is_int(c) for c in v), "a list of integers"),
 }
 

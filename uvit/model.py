@@ -311,6 +311,23 @@ def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 100
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def grid_position_embedding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2D position embedding (h, w, dim): the first half of the channels encodes the row, the second the
+    column, each as sines and cosines of the position normalised to (0, 1) (token centres) at dim / 4 frequencies
+    spaced geometrically from 1/2 to h/2 (w/2) cycles, so that any grid size reads the same coarse positions."""
+    quarter = dim // 4
+
+    def axis(n: int) -> torch.Tensor:  # (n, dim / 2)
+        pos = (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n
+        cycles = torch.logspace(math.log10(0.5), math.log10(max(n / 2, 0.5)), quarter, device=device)
+        angles = 2 * math.pi * pos[:, None] * cycles[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    rows, cols = axis(h), axis(w)  # (h, dim/2), (w, dim/2)
+    grid = torch.cat([rows[:, None, :].expand(h, w, -1), cols[None, :, :].expand(h, w, -1)], dim=-1)
+    return grid.to(dtype) if dtype is not None else grid
+
+
 class CondEmbedding(nn.Module):
     """cat(pooled text (B, cond_embed_dim), sinusoids of the micro-conditions (B, n * enc)) -> MLP -> (B, D)."""
 
@@ -492,9 +509,13 @@ class UViT(nn.Module):
     def _trunk(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         """The network from token ids to logits; `step(block, x)` runs each conditioned block."""
         x = self.token_embed(input_ids)  # (B, h, w, C)
+        if self.config.position_embedding:
+            x = x + grid_position_embedding(*x.shape[1:], device=x.device, dtype=x.dtype)
         x = self.down(x, step)  # (B, h', w', C)
         B, H, W, C = x.shape
         x = self.to_hidden(self.to_hidden_norm(x.reshape(B, H * W, C)))  # (B, h'w', D)
+        if self.config.position_embedding:
+            x = x + grid_position_embedding(H, W, x.shape[-1], device=x.device, dtype=x.dtype).view(1, H * W, -1)
         for layer in self.layers:
             x = step(layer, x)
         x = self.from_hidden(self.from_hidden_norm(x)).view(B, H, W, C)  # (B, h', w', C)

@@ -33,7 +33,7 @@ class Evaluation:
     def rows(self) -> list[dict]:
         """One JSON-ready record per image."""
         return [
-            {"prompt": p, "expected": e, "judged": v.as_dict(), "right": m}
+            {"prompt": p, "expected": e, "judged": {**v.as_dict(), "outline_ok": v.outline_ok}, "right": m}
             for p, e, v, m in zip(self.prompts, self.expected, self.verdicts, self.marks)
         ]
 
@@ -81,7 +81,7 @@ def evaluate_adherence(
     verdicts = judge(images)
     expected = [scenes.attributes(i) for i in range(len(scenes))]
     marks = [score(e, v) for e, v in zip(expected, verdicts)]
-    return Evaluation(summarise(marks), prompts, expected, verdicts, marks, images, seconds)
+    return Evaluation(summarise(marks, expected, verdicts), prompts, expected, verdicts, marks, images, seconds)
 
 
 def save_grid(images: torch.Tensor, path, columns: int = 8, pad: int = 2) -> None:
