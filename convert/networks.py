@@ -48,7 +48,7 @@ def uvit_to_diffusers(model: UViT) -> tuple[dict, dict[str, torch.Tensor]]:
             f"this U-ViT uses position_embedding={model.config.position_embedding!r}, which diffusers' UVit2DModel "
             "does not have: it can be saved in our format only"
         )
-    config = {"_class_name": "UVit2DModel", "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_dict()}
+    config = {"_class_name": "UVit2DModel", "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_diffusers_dict()}
     return config, to_theirs(model, UVIT_KEYMAP)
 
 

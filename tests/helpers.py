@@ -68,7 +68,7 @@ def _owner(root: nn.Module, param_name: str) -> nn.Module:
 def reference_uvit(kind: str, seed: int = 0):
     from diffusers import UVit2DModel
 
-    return randomize_(UVit2DModel(**uvit_config(kind).to_dict()), seed).eval()
+    return randomize_(UVit2DModel(**uvit_config(kind).to_diffusers_dict()), seed).eval()
 
 
 def reference_vqgan(kind: str, seed: int = 1):

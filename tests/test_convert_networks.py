@@ -210,9 +210,9 @@ def test_vqgan_config_we_cannot_build_raises(change, message):
 def test_256_weights_into_512_config_name_the_missing_resampling():
     """The 512 model has a down/upsampling pair the 256 checkpoint lacks. (Meta-device state dicts of the published
     sizes: real names and shapes, no memory.)"""
-    weights_256 = meta_state_dict("uvit", UViTConfig.amused_256().to_dict())
+    weights_256 = meta_state_dict("uvit", UViTConfig.amused_256().to_diffusers_dict())
     with pytest.raises(ConversionError, match="missing 4 tensor") as info:
-        uvit_from_diffusers(UViTConfig.amused_512().to_dict(), weights_256)
+        uvit_from_diffusers(UViTConfig.amused_512().to_diffusers_dict(), weights_256)
     for key in (
         "down_block.downsample.norm.weight",
         "down_block.downsample.conv.weight",
@@ -224,9 +224,9 @@ def test_256_weights_into_512_config_name_the_missing_resampling():
 
 
 def test_512_weights_into_256_config_name_the_unexpected_resampling():
-    weights_512 = meta_state_dict("uvit", UViTConfig.amused_512().to_dict())
+    weights_512 = meta_state_dict("uvit", UViTConfig.amused_512().to_diffusers_dict())
     with pytest.raises(ConversionError, match="unexpected 4 tensor") as info:
-        uvit_from_diffusers(UViTConfig.amused_256().to_dict(), weights_512)
+        uvit_from_diffusers(UViTConfig.amused_256().to_diffusers_dict(), weights_512)
     for key in ("down_block.downsample.norm.weight", "up_block.upsample.conv.weight"):
         assert key in str(info.value)
     assert "missing" not in str(info.value)

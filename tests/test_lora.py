@@ -117,7 +117,7 @@ def test_default_targets_are_the_reference_attention_projections():
     cfg = UViTConfig.amused_256()
     with torch.device("meta"):
         ours = UViT(cfg)
-        theirs = UVit2DModel(**cfg.to_dict())
+        theirs = UVit2DModel(**cfg.to_diffusers_dict())
     from_reference_names = find_targets(ours, REFERENCE_TARGETS)
     assert from_reference_names == find_targets(ours, ["q", "k", "v"])
     assert len(from_reference_names) == (22 * 2 + 6 * 2) * 3

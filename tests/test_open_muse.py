@@ -214,7 +214,7 @@ def test_built_uvit_state_dict_has_the_original_names_and_shapes(layout, section
     from diffusers import UVit2DModel
 
     with torch.device("meta"):
-        ref = UVit2DModel(**uvit_config(f"full-{layout}").to_dict())
+        ref = UVit2DModel(**uvit_config(f"full-{layout}").to_diffusers_dict())
     built = {k: tuple(v.shape) for k, v in open_muse_uvit_state_dict(ref.state_dict()).items()}
     assert built == reference_key_list("open_muse_uvit_v2_keys.txt", section)
 
@@ -359,7 +359,7 @@ def test_v2_config_without_optional_fields_uses_the_class_defaults():
     from diffusers import UVit2DModel
 
     with torch.device("meta"):
-        ref = UVit2DModel(**uvit_config("full-256").to_dict())
+        ref = UVit2DModel(**uvit_config("full-256").to_diffusers_dict())
     sd = {k: torch.empty(v.shape, device="meta") for k, v in open_muse_uvit_state_dict(ref.state_dict()).items()}
     cfg = convert.open_muse.uvit_config_from_open_muse({"_class_name": "MaskGiTUViT_v2"}, sd)
     from uvit import UViTConfig

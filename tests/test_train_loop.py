@@ -401,7 +401,7 @@ def test_parameter_groups_exempt_what_the_reference_exempts():
 
     cfg = UViTConfig.tiny()
     ours = UViT(cfg)
-    theirs = UVit2DModel(**cfg.to_dict())
+    theirs = UVit2DModel(**cfg.to_diffusers_dict())
     groups = decay_groups(ours.named_parameters(), 0.01, uvit_rename)
     no_decay_ours = {id(p) for p in groups[1]["params"]}
     names = {n for n, p in ours.named_parameters() if id(p) in no_decay_ours}

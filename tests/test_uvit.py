@@ -176,7 +176,7 @@ def test_dropout_matches_reference_in_training_mode(kind):
 
     cfg = uvit_config(kind)
     cfg.hidden_dropout, cfg.attention_dropout = 0.2, 0.3
-    ref = randomize_(UVit2DModel(**cfg.to_dict())).train()
+    ref = randomize_(UVit2DModel(**cfg.to_diffusers_dict())).train()
     ours = uvit_from_diffusers(dict(ref.config), ref.state_dict()).train()
     inputs = uvit_inputs(cfg, 2, (4, 6), 5)
     torch.manual_seed(7)
@@ -344,7 +344,7 @@ def test_parameter_count_is_published(preset, published):
     cfg = preset()
     with torch.device("meta"):
         ours = UViT(cfg)
-        ref = UVit2DModel(**cfg.to_dict())
+        ref = UVit2DModel(**cfg.to_diffusers_dict())
     assert sum(p.numel() for p in ours.parameters()) == published
     assert sum(p.numel() for p in ref.parameters()) == published
 

@@ -164,6 +164,17 @@ class UViTConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    # fields of ours that diffusers' UVit2DModel does not have, and the value that means "as diffusers"
+    _OURS_ONLY = {"position_embedding": None}
+
+    def to_diffusers_dict(self) -> dict:
+        """The diffusers `UVit2DModel` config of this model; a ValueError when it uses one of our additions."""
+        d = self.to_dict()
+        for key, plain in self._OURS_ONLY.items():
+            if d.pop(key) != plain:
+                raise ValueError(f"{key}={getattr(self, key)!r} has no diffusers equivalent (UVit2DModel lacks it)")
+        return d
+
     @classmethod
     def from_dict(cls, config: dict, strict: bool = False) -> "UViTConfig":
         """Build from a dict such as a diffusers `config.json`. Keys starting with `_` (diffusers metadata) are
