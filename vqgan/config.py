@@ -14,7 +14,6 @@ from dataclasses import dataclass
 _POSITIVE = (
     "in_channels",
     "out_channels",
-    "layers_per_block",
     "latent_channels",
     "num_vq_embeddings",
     "norm_num_groups",
@@ -60,6 +59,8 @@ class VQGANConfig:
 
     def _range_problems(self) -> list[str]:
         problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in _POSITIVE if getattr(self, name) < 1]
+        if self.layers_per_block < 0:  # 0: an encoder of convolutions and resampling only (the decoder keeps one block)
+            problems.append(f"layers_per_block must be >= 0, got {self.layers_per_block}")
         if self.vq_embed_dim is not None and self.vq_embed_dim < 1:
             problems.append(f"vq_embed_dim must be >= 1 or null, got {self.vq_embed_dim}")
         if any(c < 1 for c in self.block_out_channels):
