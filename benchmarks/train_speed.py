@@ -39,7 +39,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(HERE), str(REPO)]  # random_models, and the repository's packages (for the model folders)
+sys.path.insert(0, str(HERE))  # random_models (the repository itself goes on the path in the parent only: a child
+# runs the packages its PYTHONPATH names, which for a baseline are another checkout's)
 
 import random_models  # noqa: E402  (this folder, put on the path above)
 
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     if args.run_child:
         run_child(args)
         return None
+    sys.path.insert(0, str(REPO))
     if args.profile_child:
         profile_child(args)
         return None
