@@ -329,6 +329,73 @@ def profile_rows(args, work: Path, out_dir: Path) -> None:
             print(f"-- {target}")
 
 
+# --- micro: the effect of single changes, each A/B in one process ------------------------------------------------------
+
+
+def micro(args, out_dir: Path) -> Path:
+    """Single changes measured side by side (alternating A and B, median of --micro_repeats), at the sizes of the
+    amused-256 step: the memory sampler's interval (5 ms as before, 0.25 s now) beside a stretch of matmuls of the
+    transformer's shapes; one LoRA layer (1024 -> 1024, rank 16, 256 tokens) forward and backward with the scaling
+    on the out-wide update (as before) or on the rank-wide intermediate (now)."""
+    import torch
+
+    from train.tracking import MemoryMonitor
+    from uvit.lora import LoRALinear
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    x, w = torch.randn(256, 1024), torch.randn(5632, 1024)
+
+    def matmuls():
+        for _ in range(12):
+            torch.nn.functional.linear(x, w)
+
+    def with_monitor(interval):
+        def run():
+            m = MemoryMonitor(torch.device("cpu"), interval).start()
+            matmuls()
+            m.stop()
+        return run
+
+    layer = LoRALinear.from_linear(torch.nn.Linear(1024, 1024, bias=False), rank=16, alpha=32)
+    torch.nn.init.normal_(layer.lora_b.weight)
+    xs = torch.randn(1, 256, 1024, requires_grad=True)
+
+    def lora(cheap: bool):
+        def run():
+            for _ in range(50):
+                out = torch.nn.functional.linear(xs, layer.weight)
+                h = layer.lora_a(xs)
+                update = layer.lora_b(h * layer.scaling) if cheap else layer.lora_b(h) * layer.scaling
+                (out + update).sum().backward()
+        return run
+
+    cases = {
+        "memory sampler during 12 matmuls (256x1024 @ 1024x5632)": (with_monitor(0.005), with_monitor(0.25), "5 ms", "0.25 s"),
+        "LoRA layer forward + backward x 50 (256 tokens, 1024 -> 1024, rank 16)": (lora(False), lora(True), "scaled update", "scaled intermediate"),
+    }
+    lines = ["| change | before | after | before s | after s | after / before |", "|---|---|---|---|---|---|"]
+    for name, (before, after, a, b) in cases.items():
+        before(), after()  # warm-up
+        tb, ta = [], []
+        for _ in range(args.micro_repeats):
+            tb.append(timed(before))
+            ta.append(timed(after))
+        mb, ma = statistics.median(tb), statistics.median(ta)
+        lines.append(f"| {name} | {a} | {b} | {_median_spread(tb, '.3f')} | {_median_spread(ta, '.3f')} | {ma / mb:.3f} |")
+        print(lines[-1], flush=True)
+    target = out_dir / f"train_speed_micro_{'cuda' if args.device.startswith('cuda') else 'cpu'}.md"
+    target.write_text("\n".join([
+        "# Single changes of the training step, each measured side by side in one process",
+        "", f"`python benchmarks/train_speed.py --micro --micro_repeats {args.micro_repeats}` "
+        f"({os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}); median (min-max) over "
+        f"{args.micro_repeats} alternations.", "", *lines, ""]))
+    return target
+
+
 # --- main ---------------------------------------------------------------------------------------------------------------
 
 
@@ -352,6 +419,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     p.add_argument("--merge", action="store_true", help="keep the rows of an earlier results file that this run does not measure")
     p.add_argument("--profile", action="store_true", help="profile one step of ours per row instead (torch.profiler)")
     p.add_argument("--profile_top", type=int, default=25)
+    p.add_argument("--micro", action="store_true", help="measure single changes A/B in one process instead")
+    p.add_argument("--micro_repeats", type=int, default=7)
     # the children's own options
     p.add_argument("--run_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile_child", action="store_true", help=argparse.SUPPRESS)
@@ -366,6 +435,9 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     sys.path.insert(0, str(REPO))
     if args.profile_child:
         profile_child(args)
+        return None
+    if args.micro:
+        print(f"written: {micro(args, Path(args.out))}")
         return None
     args.steps = args.steps or (3 if args.tiny else 5)
     args.alternations = args.alternations or (1 if args.tiny else 2)
