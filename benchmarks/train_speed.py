@@ -169,22 +169,48 @@ def measure_row(model: str, row: str, impls: dict[str, tuple[str, Path]], args, 
                 r = measure(impl, argv, work, args.device, args.timeout, repo)
                 print(f"   {model} {row} {name} {steps} step(s), alternation {alternation + 1}: {json.dumps(r)}", flush=True)
                 runs[name][length].append(r)
-    result = {"model": model, "row": row, "steps": args.steps, "alternations": args.alternations, "impls": {}}
-    for name, r in runs.items():
+    return summarize({"model": model, "row": row, "steps": args.steps, "impls": {n: {"runs": r} for n, r in runs.items()}})
+
+
+def summarize(result: dict) -> dict:
+    """Per implementation, from its runs: the per-step time and the peaks of each alternation (N-step, 1-step pair)."""
+    steps = result["steps"]
+    for entry in result["impls"].values():
+        r = entry["runs"]
+        for key in ("per_step_s", "peak_rss_mb", "cuda_max_allocated_mb", "errors"):
+            entry.pop(key, None)
         pairs = [(lo, sh) for lo, sh in zip(r["long"], r["short"]) if "error" not in lo and "error" not in sh]
         errors = [x["error"] for x in r["long"] + r["short"] if "error" in x]
-        entry = {"runs": r}
         if pairs:
-            per_step = [(lo["seconds"] - sh["seconds"]) / (args.steps - 1) for lo, sh in pairs]
-            rss = [lo["peak_rss_mb"] for lo, _ in pairs]
-            entry.update(per_step_s=per_step, peak_rss_mb=rss)
+            entry["per_step_s"] = [(lo["seconds"] - sh["seconds"]) / (steps - 1) for lo, sh in pairs]
+            entry["peak_rss_mb"] = [lo["peak_rss_mb"] for lo, _ in pairs]
             cuda = [lo["cuda_max_allocated_mb"] for lo, _ in pairs if "cuda_max_allocated_mb" in lo]
             if cuda:
                 entry["cuda_max_allocated_mb"] = cuda
         if errors:
             entry["errors"] = errors
-        result["impls"][name] = entry
+    result["alternations"] = max(len(e["runs"]["long"]) for e in result["impls"].values())
     return result
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier results with this invocation's: a row measured again (same model, row and N) gets this invocation's
+    alternations added to its earlier ones, for every implementation both measured; other rows are kept or added."""
+    merged = {(r["model"], r["row"]): r for r in old}
+    for r in new:
+        key = (r["model"], r["row"])
+        prev = merged.get(key)
+        if prev is not None and prev["steps"] == r["steps"]:
+            for name, entry in r["impls"].items():
+                if name in prev["impls"]:
+                    for length in ("long", "short"):
+                        prev["impls"][name]["runs"][length] += entry["runs"][length]
+                else:
+                    prev["impls"][name] = entry
+            merged[key] = summarize(prev)
+        else:
+            merged[key] = r
+    return sorted(merged.values(), key=lambda r: (r["model"], list(ROWS).index(r["row"])))
 
 
 # --- the table ------------------------------------------------------------------------------------------------------
@@ -235,7 +261,8 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: list[dict], args, out_dir: Path) -> tuple[Path, Path]:
+def write_results(results: list[dict], args, out_dir: Path, merge: bool) -> tuple[Path, Path]:
+    """The markdown and JSON of `results`; with `merge`, added to what the files hold (see `merge`)."""
     import torch
 
     name = f"train_speed_{'cuda' if args.device.startswith('cuda') else 'cpu'}{'_tiny' if args.tiny else ''}"
@@ -248,11 +275,9 @@ def write_results(results: list[dict], args, out_dir: Path) -> tuple[Path, Path]
     js = out_dir / f"{name}.json"
     command = "python benchmarks/train_speed.py " + " ".join(args.argv)
     commands = [command]
-    if args.merge and js.is_file():  # keep the rows of earlier invocations that this one did not measure again
+    if merge and js.is_file():  # with the rows (and alternations) of earlier invocations
         old = json.loads(js.read_text())
-        mine = {(r["model"], r["row"]) for r in results}
-        kept = [r for r in old["results"] if (r["model"], r["row"]) not in mine]
-        results = sorted(kept + results, key=lambda r: (r["model"], list(ROWS).index(r["row"])))
+        results = merge(old["results"], [json.loads(json.dumps(r)) for r in results])
         commands = [c for c in old.get("commands", [old.get("command")]) if c != command] + [command]
     text = [
         f"# Training speed and memory, {'tiny models' if args.tiny else 'the published recipes'}: ours beside the reference script",
@@ -416,7 +441,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     p.add_argument("--work_dir", default=None, help="default: a temporary folder with --tiny, else <tmp>/muse-train-speed")
     p.add_argument("--out", default=str(HERE / "results"), help="where the markdown and JSON go")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
-    p.add_argument("--merge", action="store_true", help="keep the rows of an earlier results file that this run does not measure")
+    p.add_argument("--merge", action="store_true", help="add to an earlier results file: its other rows are kept, a row "
+                   "measured again (same N) gets these alternations added to its earlier ones")
     p.add_argument("--profile", action="store_true", help="profile one step of ours per row instead (torch.profiler)")
     p.add_argument("--profile_top", type=int, default=25)
     p.add_argument("--micro", action="store_true", help="measure single changes A/B in one process instead")
@@ -461,8 +487,9 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                 print(f"-- amused-{model} {row}", flush=True)
                 row_impls = impls if ROWS[row][1] else {k: v for k, v in impls.items() if k != "reference"}
                 results.append(measure_row(model, row, row_impls, args, work))
-                write_results(results, args, out_dir)  # after every row: a long run stopped midway keeps its rows
-        md, js = write_results(results, args, out_dir)
+                # written after every row (a long run stopped midway keeps its rows): the first row replaces the
+                # files (unless --merge), each later one is added
+                md, js = write_results(results[-1:], args, out_dir, merge=args.merge or len(results) > 1)
     print()
     print(md.read_text())
     print(f"written: {md}, {js}")
