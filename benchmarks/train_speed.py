@@ -222,6 +222,14 @@ def _median_spread(values: list[float], fmt: str) -> str:
     return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
+def _paired(ours: list[float], other: list[float]) -> str:
+    """ours / other: the median of the per-alternation ratios (both ran in the same alternation, under the same
+    load), with their range."""
+    if not ours or not other:
+        return "-"
+    return _median_spread([o / f for o, f in zip(ours, other)], ".2f")
+
+
 def table(results: list[dict]) -> str:
     cuda = any("cuda_max_allocated_mb" in e for r in results for e in r["impls"].values())
     head = ["model", "row", "ours s/step", "reference s/step", "ratio (goal 0.8)", "ours peak RSS GiB",
@@ -240,11 +248,7 @@ def table(results: list[dict]) -> str:
             f = [v / scale for v in ref.get(key, [])]
             cells.append(_median_spread(o, fmt) if o else ours.get("errors", ["-"])[0])
             cells.append(_median_spread(f, fmt) if f else (ref.get("errors", ["-"])[0] if ref else "-"))
-            if o and f:
-                ratio = statistics.median(o) / statistics.median(f)
-                cells.append(f"{ratio:.2f}" + (f" ({goal})" if goal else ""))
-            else:
-                cells.append("-")
+            cells.append(_paired(o, f) + (f" ({goal})" if goal and o and f else ""))
         if cuda:
             o = [v / 1024 for v in ours.get("cuda_max_allocated_mb", [])]
             f = [v / 1024 for v in ref.get("cuda_max_allocated_mb", [])]
@@ -255,8 +259,7 @@ def table(results: list[dict]) -> str:
             for key, scale in (("per_step_s", 1), ("peak_rss_mb", 1024)):
                 o = [v / scale for v in ours.get(key, [])]
                 b = [v / scale for v in base.get(key, [])]
-                cells += [_median_spread(b, ".2f") if b else "-",
-                          f"{statistics.median(o) / statistics.median(b):.2f}" if o and b else "-"]
+                cells += [_median_spread(b, ".2f") if b else "-", _paired(o, b)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -287,7 +290,8 @@ def write_results(results: list[dict], args, out_dir: Path, merge: bool) -> tupl
         f"{machine['cores']} cores ({machine['cpu']}), torch {machine['torch']}, {machine['date']}. Random weights, "
         f"published-layout folders, batch 1, accumulation 1, {'fp16' if args.device.startswith('cuda') else 'fp32'}; "
         "per-step time = (the N-step run - the 1-step run) / (N - 1), whole-process wall time; peak RSS of the "
-        "whole N-step process. Median over the alternations (min-max); N and the alternations per row below.",
+        "whole N-step process. Median over the alternations (min-max); the ratios are the medians of the "
+        "per-alternation ratios (min-max). N and the alternations per row below.",
         "",
         table(results),
         "",
