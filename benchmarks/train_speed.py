@@ -195,12 +195,13 @@ def summarize(result: dict) -> dict:
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
     """Earlier results with this invocation's: a row measured again (same model, row and N) gets this invocation's
-    alternations added to its earlier ones, for every implementation both measured; other rows are kept or added."""
-    merged = {(r["model"], r["row"]): r for r in old}
+    alternations added to its earlier ones, for every implementation both measured; other rows (another N is
+    another row) are kept or added."""
+    merged = {(r["model"], r["row"], r["steps"]): r for r in old}
     for r in new:
-        key = (r["model"], r["row"])
+        key = (r["model"], r["row"], r["steps"])
         prev = merged.get(key)
-        if prev is not None and prev["steps"] == r["steps"]:
+        if prev is not None:
             for name, entry in r["impls"].items():
                 if name in prev["impls"]:
                     for length in ("long", "short"):
@@ -210,7 +211,7 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
             merged[key] = summarize(prev)
         else:
             merged[key] = r
-    return sorted(merged.values(), key=lambda r: (r["model"], list(ROWS).index(r["row"])))
+    return sorted(merged.values(), key=lambda r: (r["model"], list(ROWS).index(r["row"]), r["steps"]))
 
 
 # --- the table ------------------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def _paired(ours: list[float], other: list[float]) -> str:
 
 def table(results: list[dict]) -> str:
     cuda = any("cuda_max_allocated_mb" in e for r in results for e in r["impls"].values())
-    head = ["model", "row", "ours s/step", "reference s/step", "ratio (goal 0.8)", "ours peak RSS GiB",
+    head = ["model", "row", "N", "alternations", "ours s/step", "reference s/step", "ratio (goal 0.8)", "ours peak RSS GiB",
             "reference peak RSS GiB", "ratio (goal)"]
     if cuda:
         head += ["ours CUDA max allocated GiB", "reference CUDA max allocated GiB", "ratio"]
@@ -242,7 +243,7 @@ def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         ours, ref = r["impls"].get("ours", {}), r["impls"].get("reference", {})
-        cells = [f"amused-{r['model']}", r["row"]]
+        cells = [f"amused-{r['model']}", r["row"], str(r["steps"]), str(r["alternations"])]
         for key, fmt, scale, goal in (("per_step_s", ".2f", 1, TIME_GOAL), ("peak_rss_mb", ".2f", 1024, MEMORY_GOAL.get(r["row"]))):
             o = [v / scale for v in ours.get(key, [])]
             f = [v / scale for v in ref.get(key, [])]
@@ -264,8 +265,8 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: list[dict], args, out_dir: Path, merge: bool) -> tuple[Path, Path]:
-    """The markdown and JSON of `results`; with `merge`, added to what the files hold (see `merge`)."""
+def write_results(results: list[dict], args, out_dir: Path, add: bool) -> tuple[Path, Path]:
+    """The markdown and JSON of `results`; with `add`, added to what the files hold (see `merge`)."""
     import torch
 
     name = f"train_speed_{'cuda' if args.device.startswith('cuda') else 'cpu'}{'_tiny' if args.tiny else ''}"
@@ -278,7 +279,7 @@ def write_results(results: list[dict], args, out_dir: Path, merge: bool) -> tupl
     js = out_dir / f"{name}.json"
     command = "python benchmarks/train_speed.py " + " ".join(args.argv)
     commands = [command]
-    if merge and js.is_file():  # with the rows (and alternations) of earlier invocations
+    if add and js.is_file():  # with the rows (and alternations) of earlier invocations
         old = json.loads(js.read_text())
         results = merge(old["results"], [json.loads(json.dumps(r)) for r in results])
         commands = [c for c in old.get("commands", [old.get("command")]) if c != command] + [command]
@@ -291,12 +292,9 @@ def write_results(results: list[dict], args, out_dir: Path, merge: bool) -> tupl
         f"published-layout folders, batch 1, accumulation 1, {'fp16' if args.device.startswith('cuda') else 'fp32'}; "
         "per-step time = (the N-step run - the 1-step run) / (N - 1), whole-process wall time; peak RSS of the "
         "whole N-step process. Median over the alternations (min-max); the ratios are the medians of the "
-        "per-alternation ratios (min-max). N and the alternations per row below.",
+        "per-alternation ratios (min-max).",
         "",
         table(results),
-        "",
-        "Runs per row: " + "; ".join(f"amused-{r['model']} {r['row']}: N={r['steps']}, {r['alternations']} alternation(s)"
-                                     for r in results) + ".",
         "",
     ]
     md.write_text("\n".join(text))
@@ -493,7 +491,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                 results.append(measure_row(model, row, row_impls, args, work))
                 # written after every row (a long run stopped midway keeps its rows): the first row replaces the
                 # files (unless --merge), each later one is added
-                md, js = write_results(results[-1:], args, out_dir, merge=args.merge or len(results) > 1)
+                md, js = write_results(results[-1:], args, out_dir, add=args.merge or len(results) > 1)
     print()
     print(md.read_text())
     print(f"written: {md}, {js}")
