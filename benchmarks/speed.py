@@ -69,7 +69,7 @@ def build(layout: str, device: torch.device, dtype: torch.dtype, tokenizer_dir: 
     ucfg, vcfg, clip = configs(layout, tiny)
     torch.manual_seed(0)
     with torch.device(device):
-        transformer = UVit2DModel(**ucfg.to_dict()).to(dtype).eval()
+        transformer = UVit2DModel(**ucfg.to_diffusers_dict()).to(dtype).eval()
         vq = VQModel(**vcfg.to_diffusers_dict()).to(dtype).eval()
         text_encoder = (
             CLIPTextModelWithProjection(

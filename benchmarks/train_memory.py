@@ -62,47 +62,9 @@ def published(model: str, recipe: str) -> tuple[float, int]:
 
 def make_random_model(model: str, folder: Path) -> Path:
     """A full-size aMUSEd of random weights in our format (only the shapes matter here)."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    import random_models  # this script's folder (benchmarks/), first on sys.path when it runs
 
-    from convert import save_components
-    from convert.clip_tokenizer import offline_clip_tokenizer
-    from convert.components import Components, default_scheduler_config
-    from uvit import UViT, UViTConfig
-    from vqgan import VQGAN, VQGANConfig
-
-    if (folder / "muse.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    transformer = UViT(UViTConfig.amused_256() if model == "256" else UViTConfig.amused_512())
-    text = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            projection_dim=768,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    )
-    comps = Components(
-        transformer,
-        VQGAN(VQGANConfig.amused()),
-        text,
-        offline_clip_tokenizer(),
-        default_scheduler_config(transformer.mask_token_id),
-        "random",
-    )
-    tmp = folder.with_name(folder.name + ".tmp")
-    save_components(comps, tmp)
-    tmp.rename(folder)
-    return folder
+    return random_models.write_random_model(model, folder)
 
 
 def child(args) -> None:

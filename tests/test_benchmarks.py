@@ -4,6 +4,7 @@ The figures themselves live in benchmarks/results, measured at full size; here o
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -34,3 +35,21 @@ def test_speed_benchmark_reports_both_pipelines_with_equal_tokens(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[3]) > 0 and float(cells[4]) > 0  # diffusers and ours were both timed
         assert cells[9] == "True", f"our tokens differ from diffusers' in {row}"
+
+
+def test_train_speed_benchmark_writes_its_table(tmp_path):
+    """The training-speed benchmark on a tiny published-layout model, ours only: the markdown and JSON are written
+    with one row per measured recipe, each with a per-step time and a peak RSS (no timing is asserted)."""
+    bench = load_script("train_speed")
+    rows = ["full", "lora-pre-encode"]
+    bench.main(["--tiny", "--models", "256", "--rows", *rows, "--steps", "2", "--out", str(tmp_path)])
+    md = (tmp_path / "train_speed_cpu_tiny.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| amused-256 |")]
+    assert [line.split("|")[2].strip() for line in table] == rows
+    data = json.loads((tmp_path / "train_speed_cpu_tiny.json").read_text())
+    assert [r["row"] for r in data["results"]] == rows
+    for r in data["results"]:
+        ours = r["impls"]["ours"]
+        assert "errors" not in ours, ours
+        assert len(ours["per_step_s"]) == 1 and ours["peak_rss_mb"][0] > 0
+        assert "reference" not in r["impls"]  # no --reference given

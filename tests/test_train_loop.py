@@ -438,3 +438,85 @@ def test_ema_matches_the_reference_ema_model():
         ref.step([p])
         assert abs(ours.decay() - ref.cur_decay_value) < 1e-12
         torch.testing.assert_close(ours.shadow["p"], ref.shadow_params[0], atol=1e-6, rtol=0)
+
+
+# --- the step made faster, not different ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "recipe", [dict(), dict(use_8bit_adam=True, learning_rate=3e-3), dict(use_ema=True)], ids=["adamw", "8bit", "ema"]
+)
+def test_step_in_backward_trains_bit_for_bit_as_the_whole_model_step(tmp_path, tokenizer, monkeypatch, recipe):
+    """The optimizer stepping each parameter inside the backward (train.optim.StepInBackward, on for large full
+    fine-tunes) against the plain step after the backward on the same run: the same losses and the same trained
+    weights, exactly; a run resumed from its checkpoint continues exactly too."""
+    from train import loop, optim
+
+    images = make_images(tmp_path / "img")
+    steps = []
+    original = optim.StepInBackward._step
+
+    def counted(self, p):
+        steps.append(1)
+        original(self, p)
+
+    monkeypatch.setattr(optim.StepInBackward, "_step", counted)
+    monkeypatch.setattr(loop, "STEP_IN_BACKWARD_MIN_PARAMETERS", 10**12)
+    plain = train(config(tmp_path / "plain", images, checkpointing_steps=2, **recipe), tiny_components(tokenizer))
+    assert not steps
+    monkeypatch.setattr(loop, "STEP_IN_BACKWARD_MIN_PARAMETERS", 0)
+    fused = train(config(tmp_path / "fused", images, checkpointing_steps=2, **recipe), tiny_components(tokenizer))
+    n_params = len(list(UViT(UViTConfig.tiny()).parameters()))
+    assert len(steps) == 4 * n_params  # every parameter, every step, inside the backward
+    assert fused.losses == plain.losses
+    _assert_same(
+        _checkpoint_files(tmp_path / "fused" / "out" / "checkpoint-4"),
+        _checkpoint_files(tmp_path / "plain" / "out" / "checkpoint-4"),
+    )
+    resumed = train(
+        config(
+            tmp_path / "resumed",
+            images,
+            checkpointing_steps=2,
+            max_train_steps=4,
+            resume_from_checkpoint=str(tmp_path / "fused" / "out" / "checkpoint-2"),
+            **recipe,
+        ),
+        tiny_components(tokenizer),
+    )
+    assert resumed.losses == plain.losses[2:]
+
+
+def test_step_in_backward_only_where_one_backward_makes_the_whole_gradient(tmp_path):
+    from train import loop
+    from train.distributed import Dist
+
+    one = Dist(0, 1, 0, torch.device("cpu"))
+    big = loop.STEP_IN_BACKWARD_MIN_PARAMETERS
+    base = config(tmp_path, tmp_path)
+    assert loop.steps_in_backward(base, one, big)
+    assert not loop.steps_in_backward(base, one, big - 1)  # LoRA-sized: one step for all
+    for change in (dict(gradient_accumulation_steps=2), dict(max_grad_norm=1.0), dict(mixed_precision="fp16")):
+        assert not loop.steps_in_backward(config(tmp_path, tmp_path, **change), one, big), change
+    assert not loop.steps_in_backward(base, Dist(0, 2, 0, torch.device("cpu")), big)
+
+
+@pytest.mark.parametrize("alpha", [32, 8, 12])  # scaling 2, 0.5 (powers of two: the cheap order), 0.75 (the plain one)
+def test_lora_forward_and_gradients_are_the_plain_formulas_bit_for_bit(alpha):
+    """LoRALinear against y = x W^T + (B (A x)) * scaling written out here, forward and every gradient."""
+    from uvit.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(torch.nn.Linear(64, 96), rank=16, alpha=alpha)
+    torch.nn.init.normal_(layer.lora_b.weight)
+    x = torch.randn(3, 40, 64, requires_grad=True)
+    g = torch.randn(3, 40, 96)
+    out = layer(x)
+    grads = torch.autograd.grad(out, (x, layer.lora_a.weight, layer.lora_b.weight), g)
+    a, b = layer.lora_a.weight.detach().requires_grad_(), layer.lora_b.weight.detach().requires_grad_()
+    x2 = x.detach().requires_grad_()
+    plain = torch.nn.functional.linear(x2, layer.weight, layer.bias) + (x2 @ a.T @ b.T) * (alpha / 16)
+    plain_grads = torch.autograd.grad(plain, (x2, a, b), g)
+    assert torch.equal(out, plain)
+    for got, want in zip(grads, plain_grads):
+        assert torch.equal(got, want)

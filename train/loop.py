@@ -57,7 +57,7 @@ from .data import (
 )
 from .ema import EMA
 from .masking import MaskingConfig, apply_masks, draw_masks, masked_cross_entropy
-from .optim import build_optimizer, build_scheduler, decay_groups, uvit_rename
+from .optim import StepInBackward, build_optimizer, build_scheduler, decay_groups, uvit_rename
 from .resume import check as resume_check
 from .resume import settings_of
 from .tracking import MemoryMonitor, Tracker, memory_stats, setup_logging
@@ -66,6 +66,9 @@ log = logging.getLogger("train")
 
 # optimizer settings that are this run's own on resume (the saved state would otherwise replace them)
 OPTIMIZER_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
+# trained parameters from which on the optimizer steps inside the backward pass (where it can: see `steps_in_backward`):
+# the full gradients are then never held at once. Below it (LoRA) they are small and one step for all is cheaper.
+STEP_IN_BACKWARD_MIN_PARAMETERS = 2**24
 
 
 @dataclass
@@ -158,6 +161,8 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     )
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    in_backward = steps_in_backward(cfg, dist, sum(p.numel() for ps in trained.values() for p in ps))
+    stepper = StepInBackward(optimizer, [p for ps in trained.values() for p in ps]) if in_backward else None
     ema = None
     if cfg.use_ema:
         ema = EMA(
@@ -212,6 +217,7 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     monitor = MemoryMonitor(device).start()
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not dist.main, desc="train")
     window_loss, window_ratio, window_start = [], [], time.perf_counter()
+    pending = []  # this window's step losses, still on the device: read (one host sync) at logging steps and the end
     while step < cfg.max_train_steps:
         step_loss = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
@@ -238,34 +244,38 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
                 loss = loss / cfg.gradient_accumulation_steps
             scaler.scale(loss).backward()
             step_loss += loss.detach()
-            window_ratio.append(float(masks.ratio.mean()))
+            window_ratio.append(masks.ratio.mean())  # a CPU tensor (the masks are drawn there)
 
-        if cfg.train_text_encoder:
-            dist.average_gradients(trained["text_encoder"])
-        if cfg.max_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for ps in trained.values() for p in ps], cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
+        if stepper is None:  # else every parameter has stepped in the backward already
+            if cfg.train_text_encoder:
+                dist.average_gradients(trained["text_encoder"])
+            if cfg.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for ps in trained.values() for p in ps], cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
         scheduler.step()
         step += 1
         if ema is not None:
             ema.update()
 
-        loss_value = float(dist.mean(step_loss))
-        result.losses.append(loss_value)
-        window_loss.append(loss_value)
+        pending.append(step_loss)
+        monitor.sample()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
 
         if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+            # the window's losses, averaged over processes, in one read (every process logs at the same steps)
+            window_loss = [float(v) for v in dist.mean(torch.stack(pending)).tolist()]
+            pending = []
+            result.losses += window_loss
+            bar.set_postfix(loss=f"{window_loss[-1]:.4f}")
             elapsed = time.perf_counter() - window_start
             samples = len(window_loss) * G * cfg.gradient_accumulation_steps
             metrics = {
                 "loss": sum(window_loss) / len(window_loss),
                 "lr": scheduler.get_last_lr()[0],
-                "masking_rate": sum(window_ratio) / len(window_ratio),
+                "masking_rate": float(torch.stack(window_ratio).double().mean()),
                 "samples_per_s": samples / max(elapsed, 1e-9),
                 "skipped_images": result.skipped_images,
                 **memory_stats(device),
@@ -279,6 +289,8 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
                 out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen
             )
     bar.close()
+    if stepper is not None:
+        stepper.remove()
     result.memory = monitor.stop()
     log.info("memory: %s", " ".join(f"{k}={v}" for k, v in result.memory.items()))
 
@@ -338,6 +350,19 @@ def prepare_text_encoder(cfg: TrainConfig, text_encoder, device):
     if cfg.gradient_checkpointing:
         text_encoder.gradient_checkpointing_enable()
     return text_encoder.train()
+
+
+def steps_in_backward(cfg: TrainConfig, dist, trained_parameters: int) -> bool:
+    """Whether the optimizer steps inside the backward pass (train.optim.StepInBackward): when one backward makes
+    the step's whole gradient and nothing reads all of it first (no accumulation, clipping, fp16 grad scaler or data
+    parallel averaging), and the gradients are large enough to matter."""
+    return (
+        cfg.gradient_accumulation_steps == 1
+        and cfg.max_grad_norm is None
+        and cfg.mixed_precision != "fp16"
+        and not dist.enabled
+        and trained_parameters >= STEP_IN_BACKWARD_MIN_PARAMETERS
+    )
 
 
 def trained_named(transformer, text_encoder, cfg: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:

@@ -84,3 +84,39 @@ def lr_multiplier(name: str, warmup: int, total: int) -> Callable[[int], float]:
 
 def build_scheduler(optimizer, name: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(name, warmup, total))
+
+
+class StepInBackward:
+    """The optimizer's step taken for each parameter as soon as the backward pass has its gradient complete, and
+    the gradient freed at once: the full set of gradients (the size of the trained weights) never exists.
+
+    Only for one gradient per step that nothing else reads before the step: no accumulation over micro-batches,
+    no clipping (it needs every gradient first), no fp16 grad scaler (it checks every gradient for inf first), one
+    process (data parallel averages the gradients after the backward). Then each parameter's update is the one
+    the whole-model step would make, bit for bit: AdamW (fused or not) and bitsandbytes' AdamW8bit update every
+    parameter from its own gradient and state alone. The step runs the same optimizer object on a one-parameter
+    view of the parameter's group, so its state (and `state_dict`, for checkpoints) is the usual one; the
+    learning-rate schedule still steps once per optimizer step. A parameter is stepped only after its last use in
+    the backward (autograd fires the hook after the gradient is accumulated), so no later gradient reads a stepped
+    weight."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]):
+        self.optimizer = optimizer
+        self._groups, self._group = None, {}  # the optimizer's group list, and each parameter's group in it
+        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in params]
+
+    def _step(self, p: nn.Parameter) -> None:
+        groups = self.optimizer.param_groups
+        if groups is not self._groups:  # first call, or new groups (Optimizer.load_state_dict makes new ones)
+            self._groups, self._group = groups, {q: g for g in groups for q in g["params"]}
+        self.optimizer.param_groups = [{**self._group[p], "params": [p]}]  # the group's settings, as they are now
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = groups
+        p.grad = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

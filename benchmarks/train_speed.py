@@ -1,0 +1,604 @@
+"""Per-step time and peak memory of fine-tuning: `python -m train` beside the reference's own training script
+(diffusers' examples/amused/train_amused.py, given by path: nothing of it is imported here), same flags, same
+published-layout folder, same images. A benchmark, not a test.
+
+Each run is a fresh process running one implementation with the recipe's flags for N optimizer steps. The per-step
+time is (wall time of an N-step run - wall time of a 1-step run) / (N - 1): loading, the first step's allocations
+and the final save cancel. Runs alternate (ours N, reference N, ours 1, reference 1, then again) so that a machine
+whose speed drifts slows both alike; the table gives the median over the alternations and the spread (min-max).
+Peak memory: the resident-set peak of the whole process (its ru_maxrss, read with os.wait4) of the N-step runs and,
+on CUDA, torch.cuda.max_memory_allocated at the process's exit. The models have random weights (only the shapes
+matter): a published-layout folder per model is written once under --work_dir by our exporter, beside four images
+whose file names are the prompts (what --instance_data_dir reads, in both scripts).
+
+Rows: the published recipes at batch 1, accumulation 1 (full fine-tune, full + 8-bit AdamW, LoRA; their learning
+rates; without gradient checkpointing, which the reference's script crashes on), then what only ours runs: LoRA with
+--gradient_checkpointing and with --pre_encode (VQ tokens and text embeddings computed once, the VQ-GAN and text
+encoder freed before training).
+
+    python benchmarks/train_speed.py --reference PATH/train_amused.py             # CPU: amused-256 and -512, all rows
+    python benchmarks/train_speed.py --reference PATH --models 256 --rows lora --steps 5 --alternations 3
+    python benchmarks/train_speed.py --tiny                                        # a tiny model, ours only: a smoke test
+    python benchmarks/train_speed.py --profile --rows lora                         # torch.profiler of one step of ours
+
+Results: benchmarks/results/train_speed_<device>.md and .json (with --tiny: train_speed_<device>_tiny.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))  # random_models (the repository itself goes on the path in the parent only: a child
+# runs the packages its PYTHONPATH names, which for a baseline are another checkout's)
+
+import random_models  # noqa: E402  (this folder, put on the path above)
+
+# name -> (flags, the reference runs it too). The learning rates of the published recipes (they change no cost).
+ROWS = {
+    "full": (["--learning_rate", "1e-4"], True),
+    "full-8bit": (["--learning_rate", "2e-5", "--use_8bit_adam"], True),
+    "lora": (["--learning_rate", "8e-4", "--use_lora"], True),
+    "lora-gradient-checkpointing": (["--learning_rate", "8e-4", "--use_lora", "--gradient_checkpointing"], False),
+    "lora-pre-encode": (["--learning_rate", "8e-4", "--use_lora", "--pre_encode"], False),
+}
+PROMPTS = ["a pixel art character", "a red cube on a table", "a blue ball in the grass", "a yellow sun over the sea"]
+TIME_GOAL = 0.8  # ours / reference, per step
+MEMORY_GOAL = {"full": 0.8, "full-8bit": 0.7, "lora": 0.7}  # ours / reference, peak
+
+
+# --- the child: one run of one implementation, measured from outside ------------------------------------------------
+
+
+def run_child(args) -> None:
+    """Run ours (`python -m train`) or the reference script in this process, then write its CUDA peak (if any) to
+    --peak_file at exit. Nothing else is imported before the training code, so the process is the script's own."""
+    import atexit
+    import runpy
+
+    def write_peak() -> None:
+        peak = None
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        Path(args.peak_file).write_text(json.dumps({"cuda_max_allocated_mb": peak}))
+
+    atexit.register(write_peak)
+    sys.argv = [args.impl] + args.rest
+    if args.impl == "ours":
+        runpy.run_module("train", run_name="__main__", alter_sys=True)
+    else:
+        sys.path.insert(0, str(Path(args.impl).parent))
+        runpy.run_path(args.impl, run_name="__main__")
+
+
+# --- the parent -------------------------------------------------------------------------------------------------------
+
+
+def prepare(model: str, work: Path, tiny: bool) -> tuple[Path, Path, int]:
+    """(published-layout folder, image folder, resolution) for the model, written once under `work`."""
+    import numpy as np
+    from PIL import Image
+
+    suffix = "-tiny" if tiny else ""
+    folder = random_models.write_random_model(
+        model, work / f"published-amused-{model}{suffix}", published=True, tiny=tiny
+    )
+    res = random_models.image_resolution(model, tiny)
+    images = work / f"images-{res}"
+    if not images.is_dir():
+        tmp = images.with_name(images.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for p in PROMPTS:
+            Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(tmp / f"{p}.png")
+        tmp.rename(images)
+    return folder, images, res
+
+
+def flags(row: str, folder: Path, images: Path, res: int, steps: int, out: Path, device: str) -> list[str]:
+    cuda = device.startswith("cuda")
+    return [
+        "--pretrained_model_name_or_path",
+        str(folder),
+        "--instance_data_dir",
+        str(images),
+        "--resolution",
+        str(res),
+        "--train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "1",
+        "--lr_scheduler",
+        "constant",
+        "--mixed_precision",
+        "fp16" if cuda else "no",
+        "--max_train_steps",
+        str(steps),
+        "--seed",
+        "0",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "wandb",  # WANDB_MODE=disabled: no run, no network (the reference's default tracker)
+        *ROWS[row][0],
+    ]
+
+
+def measure(impl: str, argv: list[str], work: Path, device: str, timeout: float, repo: Path = REPO) -> dict:
+    """One fresh process: wall seconds, its peak RSS (ru_maxrss of that child, via wait4) and CUDA peak. `repo`:
+    the checkout whose packages `ours` runs (another one for a baseline)."""
+    peak_file = work / "peak.json"
+    peak_file.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--run_child", "--impl", impl, "--peak_file", str(peak_file), "--", *argv]
+    env = {**os.environ, "PYTHONPATH": str(repo), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    if not device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    log = work / "last_run.log"
+    with open(log, "w") as f:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=repo, stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = _wait4(proc, timeout)
+        except TimeoutError:
+            proc.kill()
+            proc.wait()
+            return {"error": f"timed out after {timeout:.0f} s"}
+        seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = log.read_text()[-3000:]
+        print(tail, file=sys.stderr)
+        return {"error": f"exit {code}"}
+    peak = json.loads(peak_file.read_text()) if peak_file.is_file() else {}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        **{k: v for k, v in peak.items() if v is not None},
+    }
+
+
+def _wait4(proc: subprocess.Popen, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return pid, status, usage
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+def measure_row(model: str, row: str, impls: dict[str, tuple[str, Path]], args, work: Path) -> dict:
+    """Alternating runs of every implementation at N and at 1 step; per-step times and peaks per alternation."""
+    folder, images, res = prepare(model, work, args.tiny)
+    runs = {name: {"long": [], "short": []} for name in impls}
+    for alternation in range(args.alternations):
+        for length, steps in (("long", args.steps), ("short", 1)):
+            for name, (impl, repo) in impls.items():
+                out = work / f"out-{name}"
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                argv = flags(row, folder, images, res, steps, out, args.device)
+                r = measure(impl, argv, work, args.device, args.timeout, repo)
+                print(
+                    f"   {model} {row} {name} {steps} step(s), alternation {alternation + 1}: {json.dumps(r)}",
+                    flush=True,
+                )
+                runs[name][length].append(r)
+    return summarize(
+        {"model": model, "row": row, "steps": args.steps, "impls": {n: {"runs": r} for n, r in runs.items()}}
+    )
+
+
+def summarize(result: dict) -> dict:
+    """Per implementation, from its runs: the per-step time and the peaks of each alternation (N-step, 1-step pair)."""
+    steps = result["steps"]
+    for entry in result["impls"].values():
+        r = entry["runs"]
+        for key in ("per_step_s", "peak_rss_mb", "cuda_max_allocated_mb", "errors"):
+            entry.pop(key, None)
+        pairs = [(lo, sh) for lo, sh in zip(r["long"], r["short"]) if "error" not in lo and "error" not in sh]
+        errors = [x["error"] for x in r["long"] + r["short"] if "error" in x]
+        if pairs:
+            entry["per_step_s"] = [(lo["seconds"] - sh["seconds"]) / (steps - 1) for lo, sh in pairs]
+            entry["peak_rss_mb"] = [lo["peak_rss_mb"] for lo, _ in pairs]
+            cuda = [lo["cuda_max_allocated_mb"] for lo, _ in pairs if "cuda_max_allocated_mb" in lo]
+            if cuda:
+                entry["cuda_max_allocated_mb"] = cuda
+        if errors:
+            entry["errors"] = errors
+    result["alternations"] = max(len(e["runs"]["long"]) for e in result["impls"].values())
+    return result
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier results with this invocation's: a row measured again (same model, row and N) gets this invocation's
+    alternations added to its earlier ones, for every implementation both measured; other rows (another N is
+    another row) are kept or added."""
+    merged = {(r["model"], r["row"], r["steps"]): r for r in old}
+    for r in new:
+        key = (r["model"], r["row"], r["steps"])
+        prev = merged.get(key)
+        if prev is not None:
+            for name, entry in r["impls"].items():
+                if name in prev["impls"]:
+                    for length in ("long", "short"):
+                        prev["impls"][name]["runs"][length] += entry["runs"][length]
+                else:
+                    prev["impls"][name] = entry
+            merged[key] = summarize(prev)
+        else:
+            merged[key] = r
+    return sorted(merged.values(), key=lambda r: (r["model"], list(ROWS).index(r["row"]), r["steps"]))
+
+
+# --- the table ------------------------------------------------------------------------------------------------------
+
+
+def _median_spread(values: list[float], fmt: str) -> str:
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def _paired(ours: list[float], other: list[float]) -> str:
+    """ours / other: the median of the per-alternation ratios (both ran in the same alternation, under the same
+    load), with their range."""
+    if not ours or not other:
+        return "-"
+    return _median_spread([o / f for o, f in zip(ours, other)], ".2f")
+
+
+def table(results: list[dict]) -> str:
+    cuda = any("cuda_max_allocated_mb" in e for r in results for e in r["impls"].values())
+    head = [
+        "model",
+        "row",
+        "N",
+        "alternations",
+        "ours s/step",
+        "reference s/step",
+        "ratio (goal 0.8)",
+        "ours peak RSS GiB",
+        "reference peak RSS GiB",
+        "ratio (goal)",
+    ]
+    if cuda:
+        head += ["ours CUDA max allocated GiB", "reference CUDA max allocated GiB", "ratio"]
+    baseline = any("baseline" in r["impls"] for r in results)
+    if baseline:
+        head += ["baseline s/step", "ours / baseline", "baseline peak RSS GiB", "ours / baseline"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        ours, ref = r["impls"].get("ours", {}), r["impls"].get("reference", {})
+        cells = [f"amused-{r['model']}", r["row"], str(r["steps"]), str(r["alternations"])]
+        for key, fmt, scale, goal in (
+            ("per_step_s", ".2f", 1, TIME_GOAL),
+            ("peak_rss_mb", ".2f", 1024, MEMORY_GOAL.get(r["row"])),
+        ):
+            o = [v / scale for v in ours.get(key, [])]
+            f = [v / scale for v in ref.get(key, [])]
+            cells.append(_median_spread(o, fmt) if o else ours.get("errors", ["-"])[0])
+            cells.append(_median_spread(f, fmt) if f else (ref.get("errors", ["-"])[0] if ref else "-"))
+            cells.append(_paired(o, f) + (f" ({goal})" if goal and o and f else ""))
+        if cuda:
+            o = [v / 1024 for v in ours.get("cuda_max_allocated_mb", [])]
+            f = [v / 1024 for v in ref.get("cuda_max_allocated_mb", [])]
+            cells += [
+                _median_spread(o, ".2f") if o else "-",
+                _median_spread(f, ".2f") if f else "-",
+                f"{statistics.median(o) / statistics.median(f):.2f}" if o and f else "-",
+            ]
+        if baseline:
+            base = r["impls"].get("baseline", {})
+            for key, scale in (("per_step_s", 1), ("peak_rss_mb", 1024)):
+                o = [v / scale for v in ours.get(key, [])]
+                b = [v / scale for v in base.get(key, [])]
+                cells += [_median_spread(b, ".2f") if b else "-", _paired(o, b)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(results: list[dict], args, out_dir: Path, add: bool) -> tuple[Path, Path]:
+    """The markdown and JSON of `results`; with `add`, added to what the files hold (see `merge`)."""
+    import torch
+
+    name = f"train_speed_{'cuda' if args.device.startswith('cuda') else 'cpu'}{'_tiny' if args.tiny else ''}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    md = out_dir / f"{name}.md"
+    js = out_dir / f"{name}.json"
+    command = "python benchmarks/train_speed.py " + " ".join(args.argv)
+    commands = [command]
+    if add and js.is_file():  # with the rows (and alternations) of earlier invocations
+        old = json.loads(js.read_text())
+        results = merge(old["results"], [json.loads(json.dumps(r)) for r in results])
+        commands = [c for c in old.get("commands", [old.get("command")]) if c != command] + [command]
+    text = [
+        f"# Training speed and memory, {'tiny models' if args.tiny else 'the published recipes'}: ours beside the reference script",
+        "",
+        *[f"`{c}`  " for c in commands],
+        "",
+        f"{machine['cores']} cores ({machine['cpu']}), torch {machine['torch']}, {machine['date']}. Random weights, "
+        f"published-layout folders, batch 1, accumulation 1, {'fp16' if args.device.startswith('cuda') else 'fp32'}; "
+        "per-step time = (the N-step run - the 1-step run) / (N - 1), whole-process wall time; peak RSS of the "
+        "whole N-step process. Median over the alternations (min-max); the ratios are the medians of the "
+        "per-alternation ratios (min-max).",
+        "",
+        table(results),
+        "",
+    ]
+    md.write_text("\n".join(text))
+    js.write_text(json.dumps({"machine": machine, "commands": commands, "results": results}, indent=2))
+    return md, js
+
+
+# --- profile: one step of ours under torch.profiler -------------------------------------------------------------------
+
+
+def profile_child(args) -> None:
+    """One step (the second: the first allocates the optimizer state) of ours under torch.profiler; the top entries
+    by self CPU time to --profile_out."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import train.loop as loop
+    from train.cli import config_from_args
+
+    prof = profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
+        record_shapes=True,
+    )
+
+    class Bar:  # the loop's progress bar, replaced: it marks the step boundaries
+        def __init__(self, *a, **k):
+            self.n = 0
+
+        def update(self, n):
+            self.n += n
+            if self.n == 1:
+                prof.start()
+            elif self.n == 2:
+                prof.stop()
+
+        def set_postfix(self, **k):
+            pass
+
+        def close(self):
+            pass
+
+    loop.tqdm = Bar
+    loop.train(config_from_args(args.rest))
+    by_op = prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=args.profile_top, max_name_column_width=60
+    )
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=args.profile_top, max_name_column_width=40, max_shapes_column_width=60
+    )
+    Path(args.profile_out).write_text(by_op + "\n" + by_shape)
+
+
+def profile_rows(args, work: Path, out_dir: Path) -> None:
+    for model in args.models:
+        folder, images, res = prepare(model, work, args.tiny)
+        for row in args.rows:
+            target = (
+                out_dir / f"train_profile_{'cpu' if not args.device.startswith('cuda') else 'cuda'}_{model}_{row}.txt"
+            )
+            argv = flags(row, folder, images, res, 2, work / "out-profile", args.device)
+            env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+            cmd = [
+                sys.executable,
+                __file__,
+                "--profile_child",
+                "--profile_out",
+                str(target),
+                "--profile_top",
+                str(args.profile_top),
+                "--",
+                *argv,
+            ]
+            subprocess.run(["rm", "-rf", str(work / "out-profile")], check=True)
+            subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+            print(f"-- {target}")
+
+
+# --- micro: the effect of single changes, each A/B in one process ------------------------------------------------------
+
+
+def micro(args, out_dir: Path) -> Path:
+    """Single changes measured side by side (alternating A and B, median of --micro_repeats), at the sizes of the
+    amused-256 step: the memory sampler's interval (5 ms as before, 0.25 s now) beside a stretch of matmuls of the
+    transformer's shapes; one LoRA layer (1024 -> 1024, rank 16, 256 tokens) forward and backward with the scaling
+    on the out-wide update (as before) or on the rank-wide intermediate (now)."""
+    import torch
+
+    from train.tracking import MemoryMonitor
+    from uvit.lora import LoRALinear
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    x, w = torch.randn(256, 1024), torch.randn(5632, 1024)
+
+    def matmuls():
+        for _ in range(12):
+            torch.nn.functional.linear(x, w)
+
+    def with_monitor(interval):
+        def run():
+            m = MemoryMonitor(torch.device("cpu"), interval).start()
+            matmuls()
+            m.stop()
+
+        return run
+
+    layer = LoRALinear.from_linear(torch.nn.Linear(1024, 1024, bias=False), rank=16, alpha=32)
+    torch.nn.init.normal_(layer.lora_b.weight)
+    xs = torch.randn(1, 256, 1024, requires_grad=True)
+
+    def lora(cheap: bool):
+        def run():
+            for _ in range(50):
+                out = torch.nn.functional.linear(xs, layer.weight)
+                h = layer.lora_a(xs)
+                update = layer.lora_b(h * layer.scaling) if cheap else layer.lora_b(h) * layer.scaling
+                (out + update).sum().backward()
+
+        return run
+
+    cases = {
+        "memory sampler during 12 matmuls (256x1024 @ 1024x5632)": (
+            with_monitor(0.005),
+            with_monitor(0.25),
+            "5 ms",
+            "0.25 s",
+        ),
+        "LoRA layer forward + backward x 50 (256 tokens, 1024 -> 1024, rank 16)": (
+            lora(False),
+            lora(True),
+            "scaled update",
+            "scaled intermediate",
+        ),
+    }
+    lines = ["| change | before | after | before s | after s | after / before |", "|---|---|---|---|---|---|"]
+    for name, (before, after, a, b) in cases.items():
+        before(), after()  # warm-up
+        tb, ta = [], []
+        for _ in range(args.micro_repeats):
+            tb.append(timed(before))
+            ta.append(timed(after))
+        mb, ma = statistics.median(tb), statistics.median(ta)
+        lines.append(
+            f"| {name} | {a} | {b} | {_median_spread(tb, '.3f')} | {_median_spread(ta, '.3f')} | {ma / mb:.3f} |"
+        )
+        print(lines[-1], flush=True)
+    target = out_dir / f"train_speed_micro_{'cuda' if args.device.startswith('cuda') else 'cpu'}.md"
+    target.write_text(
+        "\n".join(
+            [
+                "# Single changes of the training step, each measured side by side in one process",
+                "",
+                f"`python benchmarks/train_speed.py --micro --micro_repeats {args.micro_repeats}` "
+                f"({os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}); median (min-max) over "
+                f"{args.micro_repeats} alternations.",
+                "",
+                *lines,
+                "",
+            ]
+        )
+    )
+    return target
+
+
+# --- main ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> list[dict] | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference", default=None, help="path of the reference training script (train_amused.py)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="another checkout of this repository (e.g. before a change): its "
+        "`python -m train` runs as a third implementation, 'baseline', in the same alternation",
+    )
+    p.add_argument("--models", nargs="+", default=["256", "512"], choices=["256", "512"])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--steps", type=int, default=None, help="N of the long runs (default 5; 3 with --tiny)")
+    p.add_argument(
+        "--alternations",
+        type=int,
+        default=None,
+        help="(N-step, 1-step) pairs per implementation (default 2; 1 with --tiny)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny models in a temporary folder: a smoke test of this script")
+    p.add_argument(
+        "--work_dir", default=None, help="default: a temporary folder with --tiny, else <tmp>/muse-train-speed"
+    )
+    p.add_argument("--out", default=str(HERE / "results"), help="where the markdown and JSON go")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="add to an earlier results file: its other rows are kept, a row "
+        "measured again (same N) gets these alternations added to its earlier ones",
+    )
+    p.add_argument("--profile", action="store_true", help="profile one step of ours per row instead (torch.profiler)")
+    p.add_argument("--profile_top", type=int, default=25)
+    p.add_argument("--micro", action="store_true", help="measure single changes A/B in one process instead")
+    p.add_argument("--micro_repeats", type=int, default=7)
+    # the children's own options
+    p.add_argument("--run_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--profile_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peak_file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile_out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(own)
+    args.rest, args.argv = rest, argv
+    if args.run_child:
+        run_child(args)
+        return None
+    sys.path.insert(0, str(REPO))
+    if args.profile_child:
+        profile_child(args)
+        return None
+    if args.micro:
+        print(f"written: {micro(args, Path(args.out))}")
+        return None
+    args.steps = args.steps or (3 if args.tiny else 5)
+    args.alternations = args.alternations or (1 if args.tiny else 2)
+    if args.steps < 2:
+        p.error("--steps must be at least 2 (the per-step time is the difference to a 1-step run)")
+    impls = {"ours": ("ours", REPO)}
+    if args.baseline:
+        impls["baseline"] = ("ours", Path(args.baseline).resolve())
+    if args.reference:
+        impls["reference"] = (str(Path(args.reference).resolve()), REPO)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or (tmp if args.tiny else Path(tempfile.gettempdir()) / "muse-train-speed"))
+        work.mkdir(parents=True, exist_ok=True)
+        out_dir = Path(args.out)
+        if args.profile:
+            profile_rows(args, work, out_dir)
+            return None
+        results = []
+        for model in args.models:
+            for row in args.rows:
+                print(f"-- amused-{model} {row}", flush=True)
+                row_impls = impls if ROWS[row][1] else {k: v for k, v in impls.items() if k != "reference"}
+                results.append(measure_row(model, row, row_impls, args, work))
+                # written after every row (a long run stopped midway keeps its rows): the first row replaces the
+                # files (unless --merge), each later one is added
+                md, js = write_results(results[-1:], args, out_dir, add=args.merge or len(results) > 1)
+    print()
+    print(md.read_text())
+    print(f"written: {md}, {js}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
