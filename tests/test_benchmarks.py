@@ -37,6 +37,7 @@ def test_speed_benchmark_reports_both_pipelines_with_equal_tokens(tmp_path):
         assert cells[9] == "True", f"our tokens differ from diffusers' in {row}"
 
 
+@pytest.mark.slow
 def test_train_speed_benchmark_writes_its_table(tmp_path):
     """The training-speed benchmark on a tiny published-layout model, ours only: the markdown and JSON are written
     with one row per measured recipe, each with a per-step time and a peak RSS (no timing is asserted)."""

@@ -121,7 +121,9 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["txt", "json-list", "json-records", "jsonl", "csv", "saved-dataset"])
+@pytest.mark.parametrize(
+    "kind", ["txt", "json-list", "json-records", "jsonl", "csv", pytest.param("saved-dataset", marks=pytest.mark.slow)]
+)
 def test_prompts_load_from_every_format(tmp_path, kind):
     if kind == "txt":
         src = tmp_path / "p.txt"

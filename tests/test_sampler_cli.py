@@ -370,6 +370,7 @@ def _fake_sweep(monkeypatch) -> list[dict]:
 DOC = f"# Samplers\n\nbefore\n\n{sweep.DOC_BEGIN}\nold table\n{sweep.DOC_END}\n\nafter\n"
 
 
+@pytest.mark.slow
 def test_the_sweep_writes_its_table_plot_and_doc_block(tmp_path, monkeypatch):
     calls = _fake_sweep(monkeypatch)
     samplers = [sampling.ConfidenceSampler(), sampling.HaltonSampler()]
@@ -423,6 +424,7 @@ def test_the_sweep_writes_its_table_plot_and_doc_block(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "plot.svg").read_text() == svg  # no date or random ids: re-running rewrites the same
 
 
+@pytest.mark.slow
 def test_the_sweep_command_line_is_recorded_and_runs_on_a_tiny_model(model_dir, tmp_path, monkeypatch):
     seen = _spy(monkeypatch, "__call__")
     (tmp_path / "doc.md").write_text(DOC)

@@ -94,6 +94,7 @@ def test_unreadable_image_is_skipped_and_counted_never_a_crash(tmp_path, tokeniz
     assert result.skipped_images >= 2 and result.skipped_names == {str(tmp_path / "img" / "broken.png")}
 
 
+@pytest.mark.slow
 def test_dataloader_workers_change_nothing(tmp_path, tokenizer):
     """Crops are seeded per sample position, not per worker: 2 workers train exactly as the main process alone."""
     images = make_images(tmp_path / "img")
@@ -184,6 +185,7 @@ def test_resume_continues_exactly(tmp_path, tokenizer, recipe):
     _assert_same(_checkpoint_files(tmp_path / "a/out/checkpoint-6"), _checkpoint_files(tmp_path / "b/out/checkpoint-6"))
 
 
+@pytest.mark.slow
 def test_resume_without_a_seed_keeps_the_runs_seed(tmp_path, tokenizer):
     """--seed omitted on resume: the checkpoint's seed drives the data order, crops and masks, so the run continues
     as the uninterrupted one."""
@@ -295,6 +297,7 @@ def test_conditioning_dropout_replaces_rows_by_the_empty_prompt_after_encoding(t
     assert not torch.equal(hidden[1], kept_h[1])
 
 
+@pytest.mark.slow
 def test_dropout_probability_one_trains_exactly_as_empty_prompts(tmp_path, tokenizer):
     """p = 1 drops every prompt (the reference's inverted test would keep them all); p = 0 drops none."""
     images = make_images(tmp_path / "img")
@@ -443,6 +446,7 @@ def test_ema_matches_the_reference_ema_model():
 # --- the step made faster, not different ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe", [dict(), dict(use_8bit_adam=True, learning_rate=3e-3), dict(use_ema=True)], ids=["adamw", "8bit", "ema"]
 )

@@ -197,6 +197,7 @@ def _batches(seed=0):
         k += 1
 
 
+@pytest.mark.slow
 def test_vq_training_lowers_the_loss_and_restarts_codes():
     model = tiny_vq()
     cfg = VQTrainConfig(steps=40, batch_size=8, lr=2e-3, warmup=5, restart_every=10, log_every=0)
