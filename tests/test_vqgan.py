@@ -329,3 +329,19 @@ def test_parameter_count_is_published():
         ref = VQModel(**cfg.to_diffusers_dict())
     assert sum(p.numel() for p in ours.parameters()) == 146_244_675
     assert sum(p.numel() for p in ref.parameters()) == 146_244_675
+
+
+def test_an_encoder_without_resnet_blocks_runs_at_equal_widths():
+    """layers_per_block 0: the encoder is convolutions and resampling only; the decoder keeps one block per level."""
+    cfg = VQGANConfig(
+        block_out_channels=(8, 8, 8, 8), layers_per_block=0, latent_channels=4, num_vq_embeddings=16, norm_num_groups=4
+    )
+    model = VQGAN(cfg)
+    ids = model.encode(torch.rand(2, 3, 64, 64))
+    assert ids.shape == (2, 8, 8)  # factor 8: three downsamplings
+    assert model.decode(ids).shape == (2, 3, 64, 64)
+
+
+def test_an_encoder_without_resnet_blocks_refuses_changing_widths():
+    with pytest.raises(ValueError, match=r"layers_per_block 0 needs equal block_out_channels .*\[8, 16\]"):
+        VQGANConfig(block_out_channels=(8, 16), layers_per_block=0, latent_channels=4, norm_num_groups=4)

@@ -61,6 +61,12 @@ class VQGANConfig:
         problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in _POSITIVE if getattr(self, name) < 1]
         if self.layers_per_block < 0:  # 0: an encoder of convolutions and resampling only (the decoder keeps one block)
             problems.append(f"layers_per_block must be >= 0, got {self.layers_per_block}")
+        if self.layers_per_block == 0 and len(set(self.block_out_channels)) > 1:
+            # without a ResNet block an encoder level has nothing that changes its width
+            problems.append(
+                f"layers_per_block 0 needs equal block_out_channels (no block changes a level's width), "
+                f"got {list(self.block_out_channels)}"
+            )
         if self.vq_embed_dim is not None and self.vq_embed_dim < 1:
             problems.append(f"vq_embed_dim must be >= 1 or null, got {self.vq_embed_dim}")
         if any(c < 1 for c in self.block_out_channels):
