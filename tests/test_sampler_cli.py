@@ -410,7 +410,7 @@ def test_the_sweep_writes_its_table_plot_and_doc_block(tmp_path, monkeypatch):
     assert float(table[3]["accuracy"]) == pytest.approx(0.68) and table[0]["outline_iou"] == "0.5"
     md = (tmp_path / "out" / "table.md").read_text()
     assert (
-        "| sampler | steps | adherence | all right | outline iou | background | shape | outline.circle | s / image |"
+        "| sampler | steps | adherence | all right | outline IoU | background | shape | outline.circle | s / image |"
         in md
     )
     assert "| `halton` | 8 | 68.0% | 25.0% | 0.5 | 100.0% | 68.0% | 0.25 | 0.008 |" in md
@@ -419,7 +419,7 @@ def test_the_sweep_writes_its_table_plot_and_doc_block(tmp_path, monkeypatch):
     assert doc.startswith("# Samplers\n\nbefore\n\n") and doc.endswith(f"{sweep.DOC_END}\n\nafter\n")
     assert "old table" not in doc and md in doc and "](out/plot.svg)" in doc
     svg = (tmp_path / "out" / "plot.svg").read_text()
-    assert "<svg" in svg and "seconds per image" in svg and "outline iou" in svg
+    assert "<svg" in svg and "seconds per image" in svg and "outline IoU" in svg
     sweep.plot(rows, info, tmp_path / "out")
     assert (tmp_path / "out" / "plot.svg").read_text() == svg  # no date or random ids: re-running rewrites the same
 

@@ -62,16 +62,21 @@ def _is_measure(value) -> bool:
 
 
 def measure_title(name: str) -> str:
-    """A column's heading: 'accuracy' -> 'adherence', 'per_attribute.shape' -> 'shape', 'all_right' -> 'all right'."""
+    """A column's heading: 'accuracy' -> 'adherence', 'per_attribute.shape' -> 'shape', 'all_right' -> 'all right',
+    'shape_class' -> 'shape class alone', 'outline_iou_by_shape.circle' -> 'outline IoU, circle'."""
     if name == "accuracy":
         return "adherence"
+    if name == "shape_class":
+        return "shape class alone"
+    if name.startswith("outline_iou_by_shape."):
+        return "outline IoU, " + name.removeprefix("outline_iou_by_shape.")
     name = name.removeprefix("per_attribute.")
-    return name.replace("_", " ")
+    return name.replace("_", " ").replace("outline iou", "outline IoU")
 
 
 def is_fraction(name: str) -> bool:
     """Measures known to be fractions of images or attributes (shown as percentages)."""
-    return name in ("accuracy", "all_right") or name.startswith("per_attribute.")
+    return name in ("accuracy", "all_right", "shape_class") or name.startswith("per_attribute.")
 
 
 def check_grid(samplers: Sequence[sampling.Sampler], steps: Sequence[int], guidance_interval) -> None:
