@@ -44,6 +44,7 @@ def test_the_shipped_model_fits_the_size_budget():
     assert index["format"] == "muse"
 
 
+@pytest.mark.slow
 @shipped
 def test_loads_without_a_path_and_generates_a_64px_image(pipe):
     images = pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0), progress_bar=False)

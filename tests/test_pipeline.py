@@ -86,6 +86,7 @@ def test_full_256_matches_reference(ours, reference):
     assert_same(run_ours(ours("full-256"), 0, **args), run_reference(reference("full-256"), 0, **args))
 
 
+@pytest.mark.slow
 def test_prompt_embeddings_with_negative_embeddings_match_reference(ours, reference):
     pipe, ref = ours("tiny-256"), reference("tiny-256")
     pe, ehs = pipe.encode_prompt(["a cat", "a dog"])

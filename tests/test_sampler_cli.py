@@ -264,6 +264,7 @@ class FakeGenerator:
         return [PIL.Image.new("RGB", (16, 16), (s % 256, 0, 0)) for s in seeds]
 
 
+@pytest.mark.slow
 def test_evaluate_writes_the_sampler_into_the_rows_and_the_table(tmp_path):
     settings = expand_grid(num_inference_steps=[4, 8], samplers=[None, "remask:eta=0.2"], guidance_intervals=[(0, 4)])
     rows = evaluate(FakeGenerator(), settings, ["a", "b"], [0], tmp_path, progress=False)
@@ -286,6 +287,7 @@ def test_evaluate_writes_the_sampler_into_the_rows_and_the_table(tmp_path):
     assert again.settings == []
 
 
+@pytest.mark.slow
 def test_muse_evaluate_passes_the_samplers_to_the_pipeline(model_dir, tmp_path, monkeypatch):
     seen = _spy(monkeypatch, "__call__")
     prompts = tmp_path / "p.txt"
@@ -471,6 +473,7 @@ def test_the_sweep_command_line_is_recorded_and_runs_on_a_tiny_model(model_dir, 
     ]
 
 
+@pytest.mark.slow
 def test_one_shapes_eval_run_passes_the_sampler(model_dir, tmp_path, monkeypatch, capsys):
     seen = _spy(monkeypatch, "__call__")
     argv = [

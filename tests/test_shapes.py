@@ -168,6 +168,7 @@ def test_judge_reads_rendered_ground_truth_nearly_perfectly(judged_ground_truth)
     assert report.accuracy >= 0.995, report.format()
 
 
+@pytest.mark.slow
 def test_judge_on_heldout_ground_truth():
     scenes = sample_scenes(150, seed=12, split="heldout", mention_prob=1.0)
     report = summarise([score(scenes.attributes(i), v) for i, v in enumerate(judge(render(scenes)))])
@@ -258,6 +259,7 @@ def test_a_stray_blob_is_an_error_but_a_speck_is_not():
         assert all(m == expect for m in marks), (size, marks)
 
 
+@pytest.mark.slow
 def test_judge_is_not_fooled_by_a_wrong_image():
     """Scored against another scene's attributes, the judge sees mismatches (it checks the pixels, not the prompt)."""
     scenes = sample_scenes(100, seed=14, mention_prob=1.0)

@@ -141,6 +141,7 @@ def test_style_recipe_end_to_end(tmp_path, published_dirs):
     assert [s for s, _ in checkpoint.checkpoints(out)] == [4]  # at most 1 kept
 
 
+@pytest.mark.slow
 def test_generate_images_with_a_fully_trained_transformer(tmp_path, published_dirs):
     """--load_transformer_from takes the transformer/ folder a full fine-tune writes."""
     base = str(published_dirs("tiny-256"))

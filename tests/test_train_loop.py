@@ -264,6 +264,7 @@ def test_save_killed_mid_write_leaves_resume_on_the_previous_checkpoint(tmp_path
     assert not any(p.name.startswith(checkpoint.TMP_PREFIX) for p in out.iterdir())  # cleaned by the next save
 
 
+@pytest.mark.slow
 def test_checkpoints_total_limit_keeps_the_newest(tmp_path, tokenizer):
     cfg = config(
         tmp_path,

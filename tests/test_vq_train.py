@@ -122,6 +122,7 @@ def test_perceptual_loss_needs_user_weights(tmp_path):
         PerceptualLoss(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.slow
 def test_perceptual_loss_with_supplied_weights(tmp_path):
     from safetensors.torch import save_file
 
@@ -208,6 +209,7 @@ def test_vq_training_lowers_the_loss_and_restarts_codes():
     assert "usage" in history[9] and "perplexity" in history[9]
 
 
+@pytest.mark.slow
 def test_vq_training_with_the_discriminator_runs_and_weighs_it():
     model = tiny_vq()
     cfg = VQTrainConfig(steps=6, batch_size=4, disc_start=3, disc_channels=8, restart_every=0, log_every=0)
@@ -215,6 +217,7 @@ def test_vq_training_with_the_discriminator_runs_and_weighs_it():
     assert "gan_weight" not in history[2] and "gan_d" in history[3] and history[3]["gan_weight"] > 0
 
 
+@pytest.mark.slow
 def test_vq_training_is_deterministic_from_the_seed():
     runs = []
     for _ in range(2):
