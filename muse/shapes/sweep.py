@@ -61,17 +61,19 @@ def _is_measure(value) -> bool:
     return isinstance(value, float)
 
 
+TITLES = {"accuracy": "adherence", "shape_class": "shape class alone", "outline_iou": "outline IoU"}
+TITLE_PREFIXES = {"per_attribute.": "", "outline_iou_by_shape.": "outline IoU, "}
+
+
 def measure_title(name: str) -> str:
     """A column's heading: 'accuracy' -> 'adherence', 'per_attribute.shape' -> 'shape', 'all_right' -> 'all right',
-    'shape_class' -> 'shape class alone', 'outline_iou_by_shape.circle' -> 'outline IoU, circle'."""
-    if name == "accuracy":
-        return "adherence"
-    if name == "shape_class":
-        return "shape class alone"
-    if name.startswith("outline_iou_by_shape."):
-        return "outline IoU, " + name.removeprefix("outline_iou_by_shape.")
-    name = name.removeprefix("per_attribute.")
-    return name.replace("_", " ").replace("outline iou", "outline IoU")
+    'outline_iou_by_shape.circle' -> 'outline IoU, circle'."""
+    if name in TITLES:
+        return TITLES[name]
+    for prefix, title in TITLE_PREFIXES.items():
+        if name.startswith(prefix):
+            return title + name.removeprefix(prefix).replace("_", " ")
+    return name.replace("_", " ")
 
 
 def is_fraction(name: str) -> bool:
