@@ -15,6 +15,7 @@ from train.vq import (
     hinge_d_loss,
     hinge_g_loss,
     psnr,
+    random_crops,
     reconstruction_loss,
     restart_dead_codes,
     train_vqgan,
@@ -225,6 +226,45 @@ def test_vq_training_is_deterministic_from_the_seed():
         cfg = VQTrainConfig(steps=4, batch_size=4, restart_every=2, log_every=0, seed=5)
         runs.append([r["rec"] for r in train_vqgan(model, _batches(2), cfg, progress=False)])
     assert runs[0] == runs[1]
+
+
+def test_random_crops_are_windows_of_each_image_on_the_token_grid():
+    x = torch.rand(6, 3, 16, 16)
+    crops = random_crops(x, 8, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (6, 3, 8, 8)
+    corners = set()
+    for b in range(6):  # each crop is its own image's window at a corner on the grid of 4 (values are continuous)
+        found = [
+            (t, l) for t in range(0, 9, 4) for l in range(0, 9, 4) if torch.equal(crops[b], x[b, :, t : t + 8, l : l + 8])
+        ]
+        assert len(found) == 1, b
+        corners.add(found[0])
+    assert len(corners) > 1  # not one window for the whole batch
+    again = random_crops(x, 8, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
+
+
+def test_random_crops_refuse_a_window_off_the_grid_or_larger_than_the_image():
+    x = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="crop_size 6 must be a multiple of 4"):
+        random_crops(x, 6, 4, torch.Generator())
+    with pytest.raises(ValueError, match="at most the image side 16"):
+        random_crops(x, 32, 4, torch.Generator())
+
+
+def test_vq_training_on_crops_sees_crops_first_and_whole_images_after():
+    model = tiny_vq()
+    seen = []
+    decode = model.decode_latents
+
+    def record(z):
+        seen.append(tuple(z.shape[-2:]))
+        return decode(z)
+
+    model.decode_latents = record
+    cfg = VQTrainConfig(steps=8, batch_size=4, restart_every=0, log_every=0, crop_size=8, crop_until=0.5)
+    train_vqgan(model, _batches(), cfg, progress=False)  # 16x16 images, factor 2: 8x8 latents, crops 4x4
+    assert seen == [(4, 4)] * 4 + [(8, 8)] * 4
 
 
 def test_evaluate_reports_psnr_and_usage():

@@ -50,7 +50,16 @@ from vqgan import VQGAN, VQGANConfig
 
 from .config import TrainConfig
 from .loop import train
-from .vq import VQTrainConfig, evaluate_vqgan, load_vqgan, reconstruction_loss, save_vqgan, train_vqgan, vq_step
+from .vq import (
+    VQTrainConfig,
+    evaluate_vqgan,
+    load_vqgan,
+    random_crops,
+    reconstruction_loss,
+    save_vqgan,
+    train_vqgan,
+    vq_step,
+)
 
 log = logging.getLogger("train.default")
 
@@ -364,10 +373,14 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
 
     vq = VQGAN(recipe.vq_config).to(device)
     opt = torch.optim.Adam(vq.parameters())
-    batches = stream(recipe.vq_train.batch_size, 12345, "train", device, with_captions=False)
+    vq_cfg = recipe.vq_train
+    batches = stream(vq_cfg.batch_size, 12345, "train", device, with_captions=False)
+    crop_gen = torch.Generator().manual_seed(0)
 
-    def vq_train_step():
+    def vq_train_step(crop: int = 0):
         x = next(batches)[0]
+        if crop:
+            x = random_crops(x, crop, vq.config.downsample_factor, crop_gen)
         x_hat, q, _ = vq_step(vq, x)
         (reconstruction_loss(x, x_hat) + q.codebook_loss + q.commitment_loss).backward()
         opt.step()
@@ -390,11 +403,16 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
         opt_u.step()
         opt_u.zero_grad()
 
+    crop_steps = round(vq_cfg.crop_until * vq_cfg.steps) if vq_cfg.crop_size else 0
+    vq_crop_s = clock(lambda: vq_train_step(vq_cfg.crop_size)) if crop_steps else 0.0
     vq_s, uvit_s = clock(vq_train_step), clock(uvit_train_step)
     return {
+        "vq_crop_seconds_per_step": vq_crop_s,
         "vq_seconds_per_step": vq_s,
         "uvit_seconds_per_step": uvit_s,
-        "projected_training_seconds": vq_s * recipe.vq_train.steps + uvit_s * recipe.steps,
+        "projected_training_seconds": vq_crop_s * crop_steps
+        + vq_s * (vq_cfg.steps - crop_steps)
+        + uvit_s * recipe.steps,
     }
 
 

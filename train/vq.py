@@ -68,6 +68,12 @@ class VQTrainConfig:
     # and small initial latents all latents pick the same code, and the decoder learns the mean image until the
     # first restart (docs/default_model.md)
     init_codes: str = "random"
+    # crops: for the first crop_until fraction of the steps, each image of a batch is cut to a random crop_size x
+    # crop_size window whose corner lies on the token grid (a multiple of the downsampling factor), so early steps
+    # cost a fraction of a whole image's; whole images after that (0 = never crop). A convolutional VQ-GAN learns
+    # the same local codes from crops; the last steps on whole images teach it the borders
+    crop_size: int = 0
+    crop_until: float = 0.75
     # dead-code restarts
     restart_every: int = 100  # window (steps) over which usage is counted; 0 = never restart
     restart_noise: float = 0.01
@@ -277,6 +283,22 @@ def vq_step(model: VQGAN, x: torch.Tensor):
     return model.decode_latents(q.quantized), q, z
 
 
+def random_crops(x: torch.Tensor, size: int, align: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size): for each image its own window, whose top-left corner is a random multiple
+    of `align` (so the crop's token grid is the image's), drawn from `gen`."""
+    B, _, H, W = x.shape
+    if size % align or size > min(H, W):
+        raise ValueError(f"crop_size {size} must be a multiple of {align} and at most the image side {min(H, W)}")
+    top = torch.randint((H - size) // align + 1, (B,), generator=gen) * align
+    left = torch.randint((W - size) // align + 1, (B,), generator=gen) * align
+    offsets = torch.arange(size)
+    rows = (top[:, None] + offsets).to(x.device)  # (B, size)
+    cols = (left[:, None] + offsets).to(x.device)
+    batch = torch.arange(B, device=x.device)[:, None, None]
+    # (B, C, H, W) -> (B, size, size, C) by advanced indexing -> (B, C, size, size)
+    return x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
 def _lr_factor(step: int, cfg: VQTrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
@@ -311,11 +333,15 @@ def train_vqgan(
     elif cfg.init_codes != "random":
         raise ValueError(f"init_codes must be 'random' or 'data', got {cfg.init_codes!r}")
     history: list[dict] = []
+    crop_steps = round(cfg.crop_until * cfg.steps) if cfg.crop_size else 0
+    crop_gen = torch.Generator().manual_seed(cfg.seed + 2)
     t0 = time.time()
     for step in trange(cfg.steps, disable=not progress, desc="vq-gan"):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
         x = next(batches)
+        if step < crop_steps:
+            x = random_crops(x, cfg.crop_size, model.config.downsample_factor, crop_gen)
         x_hat, q, z = vq_step(model, x)
         rec = reconstruction_loss(x, x_hat, cfg.l1_weight, cfg.l2_weight, cfg.edge_weight)
         if perceptual is not None:
