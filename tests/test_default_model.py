@@ -15,11 +15,25 @@ import pytest
 import torch
 from PIL import Image
 
+from convert import load_components
 from muse import DEFAULT_MODEL_DIR, Pipeline
 from muse.shapes import judge, judge_one, score, summarise
 from muse.shapes.evaluate import evaluate_adherence
+from muse.shapes.figures import figure_curve
 from muse.shapes.judge import CHANCE
-from train.default_model import SIZE_BUDGET_BYTES, Recipe, build, folder_bytes, init_uvit_, round_to, vq_report
+from train.default_model import (
+    SIZE_BUDGET_BYTES,
+    Recipe,
+    build,
+    folder_bytes,
+    init_uvit_,
+    learning_curve,
+    preflight,
+    round_to,
+    vq_report,
+    weights_digest,
+)
+from train.default_model import main as default_model_main
 from uvit import UViT
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -187,12 +201,60 @@ def test_the_evaluation_prompts_of_each_split():
 
 @pytest.mark.slow
 def test_reduced_training_run_both_losses_fall_and_the_result_loads(tmp_path):
-    report = build(Recipe.reduced(), tmp_path / "model", tmp_path / "work", "cpu", progress=False)
+    recipe = Recipe.reduced()
+    recipe.curve_points = 2
+    report = build(recipe, tmp_path / "model", tmp_path / "work", "cpu", progress=False)
     assert report["vq_final_loss"] < 0.8 * report["vq_first_loss"], report
     losses = report["uvit_losses"]["every"]
     assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5, losses
     pipe = Pipeline.from_pretrained(tmp_path / "model")
     assert pipe("a red circle on a blue background", progress_bar=False, num_inference_steps=2)[0].size == (64, 64)
+
+    # the learning curve: a checkpoint per point, each written later than the one before and after stage 1
+    half, end = f"checkpoint-{recipe.steps // 2}", f"checkpoint-{recipe.steps}"
+    seconds = report["checkpoint_seconds"]
+    assert set(seconds) == {half, end}
+    assert report["vq_train_seconds"] <= seconds[half] <= seconds[end] <= report["total_seconds"]
+    curve = learning_curve(tmp_path / "model", tmp_path / "work", report)
+    assert [row["step"] for row in curve] == [recipe.steps // 2, recipe.steps]
+    assert all(0 <= row["accuracy"] <= 1 and set(row["per_attribute"]) >= {"colour", "shape"} for row in curve)
+    svg = figure_curve(curve, tmp_path / "curve.svg", "reduced run").read_text()
+    assert svg.startswith("<?xml") and "held-out attributes right" in svg
+
+
+@pytest.mark.slow
+def test_the_recipe_is_deterministic_from_its_seed(tmp_path):
+    recipe = Recipe.reduced()
+    recipe.vq_train.steps, recipe.steps = 4, 4
+    digests = []
+    for run in ("a", "b"):
+        build(recipe, tmp_path / run, tmp_path / f"work-{run}", "cpu", progress=False)
+        c = load_components(str(tmp_path / run))
+        digests.append(weights_digest(c.transformer, c.vqvae, c.text_encoder))
+    assert digests[0] == digests[1]
+    recipe.seed = 1
+    build(recipe, tmp_path / "c", tmp_path / "work-c", "cpu", progress=False)
+    c = load_components(str(tmp_path / "c"))
+    assert weights_digest(c.transformer, c.vqvae, c.text_encoder) != digests[0]
+
+
+def test_time_budget_refuses_a_run_projected_past_it_and_writes_nothing(tmp_path, caplog):
+    out = tmp_path / "model"
+    args = ["--recipe", "reduced", "--out", str(out), "--work", str(tmp_path / "work"), "--device", "cpu"]
+    with caplog.at_level("INFO", logger="train.default"):
+        assert default_model_main([*args, "--time-budget", "0.001"]) == 3
+    assert "exceeds --time-budget" in caplog.text and not out.exists()
+
+
+def test_preflight_times_crop_steps_apart_and_projects_every_step():
+    recipe = Recipe.reduced()
+    recipe.vq_train.crop_size, recipe.vq_train.crop_until = 32, 0.5
+    est = preflight(recipe, "cpu", steps=2)
+    vq, uvit = recipe.vq_train.steps, recipe.steps
+    projected = est["vq_crop_seconds_per_step"] * vq / 2 + est["vq_seconds_per_step"] * vq / 2
+    projected += est["uvit_seconds_per_step"] * uvit
+    assert est["vq_crop_seconds_per_step"] > 0
+    assert est["projected_training_seconds"] == pytest.approx(projected)
 
 
 def test_uvit_init_zeroes_the_modulations_and_is_seeded():

@@ -4,6 +4,7 @@ as the reference."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -525,3 +526,24 @@ def test_lora_forward_and_gradients_are_the_plain_formulas_bit_for_bit(alpha):
     assert torch.equal(out, plain)
     for got, want in zip(grads, plain_grads):
         assert torch.equal(got, want)
+
+
+def test_a_uvit_diffusers_cannot_hold_is_saved_in_our_layout_and_loads_back(tmp_path, tokenizer):
+    """A U-ViT with a position embedding (ours; diffusers' UVit2DModel has none) ends its run with transformer/ in
+    our layout, which `train.generate_images` loads into a base model of the same configuration."""
+    from train.generate_images import load_transformer_into
+
+    components = tiny_components(tokenizer)
+    torch.manual_seed(0)
+    components.transformer = UViT(UViTConfig.tiny(position_embedding="sincos"))
+    images = make_images(tmp_path / "img")
+    train(config(tmp_path, images, max_train_steps=2), components)
+    folder = tmp_path / "out" / "transformer"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((folder / "config.json").read_text())["position_embedding"] == "sincos"
+    fresh = UViT(UViTConfig.tiny(position_embedding="sincos"))
+    load_transformer_into(fresh, tmp_path / "out")
+    for (name, p), q in zip(fresh.state_dict().items(), components.transformer.state_dict().values()):
+        assert torch.equal(p, q.cpu()), name
+    with pytest.raises(ValueError, match="another configuration"):
+        load_transformer_into(UViT(UViTConfig.tiny()), tmp_path / "out")

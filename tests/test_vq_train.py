@@ -235,7 +235,10 @@ def test_random_crops_are_windows_of_each_image_on_the_token_grid():
     corners = set()
     for b in range(6):  # each crop is its own image's window at a corner on the grid of 4 (values are continuous)
         found = [
-            (t, l) for t in range(0, 9, 4) for l in range(0, 9, 4) if torch.equal(crops[b], x[b, :, t : t + 8, l : l + 8])
+            (t, c)
+            for t in range(0, 9, 4)
+            for c in range(0, 9, 4)
+            if torch.equal(crops[b], x[b, :, t : t + 8, c : c + 8])
         ]
         assert len(found) == 1, b
         corners.add(found[0])

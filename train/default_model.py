@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from convert import Components, load_components, save_components
@@ -44,7 +46,7 @@ from convert.text_encoder import load_tokenizer
 from muse import Pipeline
 from muse.shapes import MODEL_DIR, captions, render, sample_scenes, stream
 from muse.shapes.evaluate import evaluate_adherence
-from muse.shapes.figures import make_figures
+from muse.shapes.figures import figure_curve, make_figures
 from uvit import UViT, UViTConfig
 from vqgan import VQGAN, VQGANConfig
 
@@ -163,6 +165,11 @@ class Recipe:
     sampling_defaults: dict = field(default_factory=lambda: {"guidance_scale": 2.0, "temperature": [1.0, 0.0]})
     vq_eval_images: int = 1024  # held-out images for the VQ-GAN's PSNR and codebook usage
     workers: int = 4  # data loader processes of the U-ViT stage
+    label_smoothing: float = 0.0
+    # the learning curve: the loop checkpoints the U-ViT at this many evenly spaced steps, and each checkpoint's
+    # held-out adherence is measured after the run, against the wall-clock minutes at which it was written
+    # (0 = only the final model is evaluated)
+    curve_points: int = 0
 
     @classmethod
     def shipped(cls) -> "Recipe":
@@ -247,7 +254,7 @@ def round_to(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def write_training_folder(folder: Path, num_images: int, seed: int, device="cpu") -> Path:
+def write_training_folder(folder: Path, num_images: int, seed: int, device="cpu", progress: bool = False) -> Path:
     """num_images rendered training scenes as PNG files + metadata.jsonl (file_name, text). Reused when a folder
     written with the same (num_images, seed) is there."""
     folder = Path(folder)
@@ -263,7 +270,7 @@ def write_training_folder(folder: Path, num_images: int, seed: int, device="cpu"
     texts = captions(scenes)
     rows = []
     chunk = 1024
-    for start in range(0, num_images, chunk):
+    for start in tqdm(range(0, num_images, chunk), desc="images", unit="chunk", disable=not progress):
         pixels = (render(scenes[start : start + chunk], device) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         for i, array in enumerate(pixels, start):
             name = f"{i:06d}.png"
@@ -338,7 +345,9 @@ def train_uvit_stage(recipe: Recipe, components, data: Path, work: Path, device:
         max_train_steps=recipe.steps,
         output_dir=str(work / "uvit"),
         logging_steps=max(1, min(250, recipe.steps // 4)),
-        checkpointing_steps=recipe.steps,  # one checkpoint, at the end
+        # one checkpoint at the end, or one per point of the learning curve
+        checkpointing_steps=max(1, recipe.steps // recipe.curve_points) if recipe.curve_points else recipe.steps,
+        label_smoothing=recipe.label_smoothing,
         seed=recipe.seed,
         learning_rate=recipe.learning_rate,
         lr_scheduler="cosine",
@@ -431,13 +440,14 @@ def build(
     work.mkdir(parents=True, exist_ok=True)
     store = getattr(torch, recipe.store_dtype)
     report: dict = {"recipe": recipe.to_dict(), "device": str(device), "torch": torch.__version__}
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
 
     if reuse is None:
         log.info("stage 1/4: VQ-GAN, %d steps of %d images", recipe.vq_train.steps, recipe.vq_train.batch_size)
         vqvae, vq_history = train_vq_stage(recipe, device, progress)
         round_to(vqvae, store)
         report["vq_train_seconds"] = round(time.perf_counter() - t0, 1)
+        log.info("stage 1/4 done in %.0f s", report["vq_train_seconds"])
         report["vq_final_loss"] = vq_history[-1]["rec"]
         report["vq_first_loss"] = vq_history[0]["rec"]
         log.info("stage 2/4: frozen text encoder and tokenizer")
@@ -453,8 +463,9 @@ def build(
 
     log.info("stage 3/4: %d training images", recipe.num_images)
     t1 = time.perf_counter()
-    data = write_training_folder(work / "data", recipe.num_images, recipe.seed, device)
+    data = write_training_folder(work / "data", recipe.num_images, recipe.seed, device, progress)
     report["data_seconds"] = round(time.perf_counter() - t1, 1)
+    log.info("stage 3/4 done in %.0f s", report["data_seconds"])
 
     log.info("stage 4/4: U-ViT, %d steps of %d", recipe.steps, recipe.batch_size)
     torch.manual_seed(recipe.seed)
@@ -472,9 +483,15 @@ def build(
         },
         source=source,
     )
+    shutil.rmtree(work / "uvit", ignore_errors=True)  # the loop's scratch: no checkpoints of an earlier run
     t2 = time.perf_counter()
     result = train_uvit_stage(recipe, components, data, work, device, progress)
     report["uvit_train_seconds"] = round(time.perf_counter() - t2, 1)
+    log.info("stage 4/4 done in %.0f s", report["uvit_train_seconds"])
+    # when each of the loop's checkpoints was written, in seconds since the recipe started (for the curve)
+    report["checkpoint_seconds"] = {
+        ck.name: round((ck / "state.json").stat().st_mtime - wall0, 1) for ck in (work / "uvit").glob("checkpoint-*")
+    }
     report["uvit_losses"] = {
         "first": result.losses[0],
         "last": result.losses[-1],
@@ -511,6 +528,31 @@ def evaluate(model_dir: Path, device: str = "cpu", per_triple: int = 2, progress
     return {"adherence": asdict(ev.report), "vq": vq_report(pipe.vqvae, device)}
 
 
+def learning_curve(model_dir: Path, work: Path, report: dict, device: str = "cpu", per_triple: int = 2) -> list[dict]:
+    """Held-out adherence (the model's default sampling) of each U-ViT checkpoint of the run in `work`, stored in the
+    shipped dtype with the shipped VQ-GAN and text encoder of `model_dir`, against the minutes since the recipe
+    started at which the checkpoint was written (report["checkpoint_seconds"])."""
+    pipe = Pipeline.from_pretrained(model_dir, device=device)
+    store = pipe.transformer.dtype
+    curve = []
+    for name, seconds in sorted(report["checkpoint_seconds"].items(), key=lambda kv: kv[1]):
+        state = load_file(str(work / "uvit" / name / "model.safetensors"))
+        pipe.transformer.load_state_dict({k: v.to(store) for k, v in state.items()})
+        ev = evaluate_adherence(pipe, per_triple=per_triple, progress=False)
+        row = {
+            "step": int(name.split("-")[1]),
+            "minutes": round(seconds / 60, 2),
+            "accuracy": ev.report.accuracy,
+            "per_attribute": ev.report.per_attribute,
+            "all_right": ev.report.all_right,
+        }
+        log.info(
+            "curve: step %d at %.1f min: held-out adherence %.1f%%", row["step"], row["minutes"], 100 * row["accuracy"]
+        )
+        curve.append(row)
+    return curve
+
+
 def main(argv=None, prog: str = "python -m train.default_model") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="shipped", choices=sorted(RECIPES))
@@ -537,13 +579,21 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
         help="measure a few steps first and stop if the projected training time exceeds this",
     )
     p.add_argument(
-        "--figures", default=None, metavar="DIR", help="only draw the README figures of --out into DIR (e.g. docs)"
+        "--figures",
+        default=None,
+        metavar="DIR",
+        help="only draw the README figures of --out into DIR (e.g. docs), and the learning curve of WORK/report.json",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.figures:
         for path in make_figures(args.out, Path(args.figures)):
             print(path)
+        report_file = Path(args.work) / "report.json"
+        curve = json.loads(report_file.read_text()).get("curve") if report_file.is_file() else None
+        if curve:
+            title = f"muse train-default: held-out adherence during training ({report_file})"
+            print(figure_curve(curve, Path(args.figures) / "default_model_curve.svg", title))
         return 0
     recipe = RECIPES[args.recipe]()
     if args.seed is not None:
@@ -574,6 +624,9 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
             report["eval"]["vq"]["psnr"],
             100 * report["eval"]["vq"]["usage"],
         )
+    if recipe.curve_points and not args.skip_eval:
+        report["curve"] = learning_curve(Path(args.out), Path(args.work), report, args.device)
+        (Path(args.work) / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=1))
     return 0
 

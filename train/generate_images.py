@@ -17,7 +17,11 @@ from safetensors.torch import load_file
 
 from convert import uvit_from_diffusers
 from convert.lora import load_lora_into
+from convert.safe_load import read_safetensors
 from muse import Pipeline
+from uvit import UViT, UViTConfig
+
+from .loop import DIFFUSERS_TRANSFORMER_WEIGHTS, OUR_TRANSFORMER_WEIGHTS
 
 log = logging.getLogger("train.generate_images")
 
@@ -80,12 +84,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def load_transformer_into(transformer, path: str | Path) -> None:
-    """Replace the U-ViT's weights by a trained one saved by `python -m train` (diffusers layout)."""
+    """Replace the U-ViT's weights by a trained one saved by `python -m train` (the diffusers layout, or ours for a
+    U-ViT diffusers cannot hold: `train.loop.transformer_files`)."""
     folder = Path(path)
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"
     config = json.loads((folder / "config.json").read_text())
-    trained = uvit_from_diffusers(config, load_file(str(folder / "diffusion_pytorch_model.safetensors")))
+    if (folder / OUR_TRANSFORMER_WEIGHTS).is_file():
+        trained = UViT(UViTConfig.from_dict(config, strict=True))
+        trained.load_state_dict(read_safetensors(folder / OUR_TRANSFORMER_WEIGHTS))
+    else:
+        trained = uvit_from_diffusers(config, load_file(str(folder / DIFFUSERS_TRANSFORMER_WEIGHTS)))
     if trained.config != transformer.config:
         raise ValueError(f"{folder} holds a U-ViT of another configuration than the base model's")
     with torch.no_grad():

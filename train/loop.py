@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from convert import load_components, uvit_to_diffusers
+from convert import ConversionError, load_components, uvit_to_diffusers
 from convert.lora import (
     CLIP_ALIASES,
     MUSE_WEIGHT_NAME,
@@ -61,6 +61,9 @@ from .optim import StepInBackward, build_optimizer, build_scheduler, decay_group
 from .resume import check as resume_check
 from .resume import settings_of
 from .tracking import MemoryMonitor, Tracker, memory_stats, setup_logging
+
+DIFFUSERS_TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+OUR_TRANSFORMER_WEIGHTS = "model.safetensors"
 
 log = logging.getLogger("train")
 
@@ -576,6 +579,19 @@ def base_config(transformer) -> dict:
     return transformer.config.to_dict()
 
 
+def transformer_files(transformer) -> tuple[dict, dict, str]:
+    """(config, tensors, weights file name) of the trained U-ViT's folder: the diffusers layout
+    (diffusion_pytorch_model.safetensors), or ours (model.safetensors, our names) for a U-ViT with a feature that
+    diffusers' UVit2DModel lacks, such as a position embedding."""
+    try:
+        config, state = uvit_to_diffusers(transformer)
+        return config, state, DIFFUSERS_TRANSFORMER_WEIGHTS
+    except ConversionError as e:
+        log.info("the trained U-ViT is saved in our layout: %s", e)
+        config = {"_class": "uvit.UViT", **transformer.config.to_dict()}
+        return config, transformer.state_dict(), OUR_TRANSFORMER_WEIGHTS
+
+
 def save_final(out: Path, cfg: TrainConfig, transformer, text_encoder) -> None:
     """LoRA: the adapters in the diffusers/peft layout (pytorch_lora_weights.safetensors, loadable by diffusers and by
     convert.lora.load_lora_into) and in ours (lora.safetensors). Full: the U-ViT as a diffusers `transformer/` folder.
@@ -590,13 +606,11 @@ def save_final(out: Path, cfg: TrainConfig, transformer, text_encoder) -> None:
                 save_lora(transformer, tmp, fmt=fmt, extra=extra)
             log.info("LoRA adapters: %s", out / name)
     else:
+        config, state, weights = transformer_files(transformer)
         with files.atomic_folder(out / "transformer") as folder:
-            config, state = uvit_to_diffusers(transformer)
             (folder / "config.json").write_text(json.dumps(config, indent=2))
-            save_file(
-                {k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors")
-            )
-        log.info("trained U-ViT: %s", out / "transformer")
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / weights))
+        log.info("trained U-ViT: %s (%s)", out / "transformer", weights)
     if cfg.train_text_encoder and not te_lora:
         with files.atomic_folder(out / "text_encoder") as folder:
             text_encoder.save_pretrained(folder)

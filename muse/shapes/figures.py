@@ -102,3 +102,36 @@ def make_figures(model_dir, docs: Path, device: str = "cpu") -> list[Path]:
     figure_grid(pipe).save(paths[0], optimize=True)
     figure_decoding(pipe).save(paths[1], optimize=True)
     return paths
+
+
+def figure_curve(curve: list[dict], path: Path, title: str) -> Path:
+    """An SVG of held-out adherence (overall and per attribute, %) against training minutes, from the rows of a
+    recipe report's learning curve (`train.default_model.learning_curve`: minutes, accuracy, per_attribute). Text
+    stays text and the file carries no date, so the same numbers redraw the same file."""
+    import matplotlib  # heavy, and only for this figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
+
+    if not curve:
+        raise ValueError("the report has no learning curve (run the recipe with curve points)")
+    rows = sorted(curve, key=lambda r: r["minutes"])
+    minutes = [r["minutes"] for r in rows]
+    with matplotlib.rc_context({"svg.hashsalt": "muse-default-curve", "svg.fonttype": "none"}):
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        ax.plot(minutes, [100 * r["accuracy"] for r in rows], marker="o", linewidth=2.2, color="black", label="all")
+        for name in sorted(rows[0]["per_attribute"]):
+            ys = [100 * r["per_attribute"][name] for r in rows]
+            ax.plot(minutes, ys, marker=".", linewidth=1, alpha=0.8, label=name)
+        ax.set_xlabel("minutes since the recipe started (2-core CPU)", fontsize=9)
+        ax.set_ylabel("held-out attributes right (%)", fontsize=9)
+        ax.set_ylim(0, 100)
+        ax.set_xlim(0, max(minutes) * 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right", ncol=2)
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, metadata={"Date": None})
+        plt.close(fig)
+    return path
