@@ -42,7 +42,6 @@ shipped = pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "muse.json").is_file(), reason="no embedded model in this checkout"
 )
 
-ADHERENCE_GOAL = 0.90  # the goal (what the shipped model measures: docs/default_model.md)
 ADHERENCE_FLOOR = 0.80  # what this test holds the shipped model to: a regression guard, chance is about 0.3
 PSNR_GOAL_DB = 30.0
 

@@ -113,6 +113,37 @@ def shipped_vq_training() -> VQTrainConfig:
     )
 
 
+def cpu_vqgan_config() -> VQGANConfig:
+    """The VQ-GAN of the CPU recipe: 64x64 images -> 16x16 ids (factor 4) through three levels of 32 channels with
+    no ResNet blocks in the encoder (the decoder keeps one per level), 512 codes of 16 dimensions."""
+    return VQGANConfig(
+        block_out_channels=(32, 32, 32),
+        layers_per_block=0,
+        latent_channels=16,
+        num_vq_embeddings=512,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def cpu_vq_training() -> VQTrainConfig:
+    """How the CPU recipe's VQ-GAN trains: 4800 steps of 16 images, 32x32 crops for the first 75% of the steps,
+    the reconstruction loss weighted up on edges, the codebook started from encoder outputs."""
+    return VQTrainConfig(
+        steps=4800,
+        batch_size=16,
+        lr=1e-3,
+        betas=(0.9, 0.99),
+        warmup=100,
+        restart_every=50,
+        log_every=400,
+        edge_weight=1.0,
+        init_codes="data",
+        crop_size=32,
+        crop_until=0.75,
+    )
+
+
 def shapes_uvit_config(**overrides) -> UViTConfig:
     """The U-ViT of the embedded default model: 16x16 tokens, brought to 8x8 inside (as amused-512 does with 32x32),
     2 ConvNeXt blocks per side (their 3x3 depthwise convs tell each of the 8x8 cells which third of the image it is
@@ -177,6 +208,28 @@ class Recipe:
         return cls()
 
     @classmethod
+    def cpu(cls) -> "Recipe":
+        """The recipe for a 2-core CPU in under an hour (docs/default_model.md): the small-codebook VQ-GAN trained on
+        crops, and a 2M-parameter U-ViT with a sincos position embedding trained on batches of 32."""
+        return cls(
+            vq_config=cpu_vqgan_config(),
+            vq_train=cpu_vq_training(),
+            uvit_config=shapes_uvit_config(
+                hidden_size=128,
+                intermediate_size=384,
+                position_embedding="sincos",
+            ),
+            num_images=32_000,
+            batch_size=32,
+            steps=9000,
+            learning_rate=2e-3,
+            warmup=100,
+            label_smoothing=0.1,
+            workers=0,
+            curve_points=9,
+        )
+
+    @classmethod
     def reduced(cls) -> "Recipe":
         """A run of a minute or two on a CPU (tests, CI): the same stages at toy sizes and step counts."""
         return cls(
@@ -221,7 +274,7 @@ class Recipe:
         return asdict(self)
 
 
-RECIPES = {"shipped": Recipe.shipped, "reduced": Recipe.reduced}
+RECIPES = {"shipped": Recipe.shipped, "cpu": Recipe.cpu, "reduced": Recipe.reduced}
 
 
 # --- pieces ---------------------------------------------------------------------------------------------------------
