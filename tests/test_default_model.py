@@ -22,6 +22,7 @@ from muse.shapes.evaluate import evaluate_adherence
 from muse.shapes.figures import figure_curve
 from muse.shapes.judge import CHANCE
 from train.default_model import (
+    RECIPES,
     SIZE_BUDGET_BYTES,
     Recipe,
     build,
@@ -271,3 +272,14 @@ def test_round_to_half_makes_fp32_weights_equal_to_their_stored_half():
     m = torch.nn.Linear(4, 4)
     round_to(m, torch.float16)
     assert torch.equal(m.weight, m.weight.half().float())
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_preset_fits_together(name):
+    """The U-ViT predicts the VQ-GAN's codes on its token grid of the 64x64 images; crops lie on that grid."""
+    recipe = RECIPES[name]()
+    vq, uvit = recipe.vq_config, recipe.uvit_config
+    assert uvit.codebook_size == vq.num_vq_embeddings and uvit.vocab_size == vq.num_vq_embeddings + 1
+    assert uvit.sample_size * vq.downsample_factor == 64
+    assert recipe.vq_train.crop_size % vq.downsample_factor == 0 and recipe.vq_train.crop_size <= 64
+    assert recipe.curve_points <= recipe.steps
