@@ -26,6 +26,7 @@ from train.default_model import (
     SIZE_BUDGET_BYTES,
     Recipe,
     build,
+    evaluate,
     folder_bytes,
     init_uvit_,
     learning_curve,
@@ -220,6 +221,11 @@ def test_reduced_training_run_both_losses_fall_and_the_result_loads(tmp_path):
     assert all(0 <= row["accuracy"] <= 1 and set(row["per_attribute"]) >= {"colour", "shape"} for row in curve)
     svg = figure_curve(curve, tmp_path / "curve.svg", "reduced run").read_text()
     assert svg.startswith("<?xml") and "held-out attributes right" in svg
+    # the last point is the shipped model: the checkpoint rounded to the stored dtype gives the final evaluation
+    assert curve[-1]["accuracy"] == evaluate(tmp_path / "model", per_triple=2, progress=False)["adherence"]["accuracy"]
+    report.pop("checkpoint_seconds")
+    with pytest.raises(ValueError, match="no checkpoint_seconds"):
+        learning_curve(tmp_path / "model", tmp_path / "work", report)
 
 
 @pytest.mark.slow
@@ -243,13 +249,25 @@ def test_time_budget_refuses_a_run_projected_past_it_and_writes_nothing(tmp_path
     args = ["--recipe", "reduced", "--out", str(out), "--work", str(tmp_path / "work"), "--device", "cpu"]
     with caplog.at_level("INFO", logger="train.default"):
         assert default_model_main([*args, "--time-budget", "0.001"]) == 3
-    assert "exceeds --time-budget" in caplog.text and not out.exists()
+    assert "exceeds --time-budget" in caplog.text and not out.exists() and not (tmp_path / "work").exists()
 
 
-def test_preflight_times_crop_steps_apart_and_projects_every_step():
+def test_preflight_times_crop_steps_apart_and_projects_every_step(monkeypatch):
+    import train.default_model as recipe_module
+
+    crops = []
+    real = recipe_module.random_crops
+
+    def recording(x, *args):
+        out = real(x, *args)
+        crops.append(out.shape)
+        return out
+
+    monkeypatch.setattr(recipe_module, "random_crops", recording)
     recipe = Recipe.reduced()
     recipe.vq_train.crop_size, recipe.vq_train.crop_until = 32, 0.5
     est = preflight(recipe, "cpu", steps=2)
+    assert crops and all(shape[-2:] == (32, 32) for shape in crops)  # the crop steps were timed on crops
     vq, uvit = recipe.vq_train.steps, recipe.steps
     projected = est["vq_crop_seconds_per_step"] * vq / 2 + est["vq_seconds_per_step"] * vq / 2
     projected += est["uvit_seconds_per_step"] * uvit
@@ -281,5 +299,6 @@ def test_every_recipe_preset_fits_together(name):
     vq, uvit = recipe.vq_config, recipe.uvit_config
     assert uvit.codebook_size == vq.num_vq_embeddings and uvit.vocab_size == vq.num_vq_embeddings + 1
     assert uvit.sample_size * vq.downsample_factor == 64
-    assert recipe.vq_train.crop_size % vq.downsample_factor == 0 and recipe.vq_train.crop_size <= 64
+    assert recipe.vq_train.crop_size % vq.downsample_factor == 0 and recipe.vq_train.crop_size < 64
+    assert 0 <= recipe.vq_train.crop_until <= 1
     assert recipe.curve_points <= recipe.steps

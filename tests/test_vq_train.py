@@ -245,6 +245,17 @@ def test_random_crops_are_windows_of_each_image_on_the_token_grid():
     assert len(corners) > 1  # not one window for the whole batch
     again = random_crops(x, 8, 4, torch.Generator().manual_seed(0))
     assert torch.equal(crops, again)
+    # every corner on the grid is drawn, the last ones (8, *) and (*, 8) included
+    ramp = torch.arange(16.0).view(1, 1, 16, 1) * 16 + torch.arange(16.0).view(1, 1, 1, 16)  # value = 16 row + col
+    many = random_crops(ramp.expand(200, 3, 16, 16), 8, 4, torch.Generator().manual_seed(1))
+    drawn = {(int(v) // 16, int(v) % 16) for v in many[:, 0, 0, 0]}
+    assert drawn == {(t, c) for t in (0, 4, 8) for c in (0, 4, 8)}
+
+
+def test_crop_until_must_be_a_fraction():
+    cfg = VQTrainConfig(steps=2, batch_size=2, restart_every=0, log_every=0, crop_size=8, crop_until=1.5)
+    with pytest.raises(ValueError, match="crop_until is a fraction of the steps in \\[0, 1\\], got 1.5"):
+        train_vqgan(tiny_vq(), _batches(), cfg, progress=False)
 
 
 def test_random_crops_refuse_a_window_off_the_grid_or_larger_than_the_image():

@@ -35,13 +35,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from convert import Components, load_components, save_components
 from convert.components import default_scheduler_config
+from convert.ours import WEIGHTS
+from convert.safe_load import read_safetensors
 from convert.text_encoder import load_tokenizer
 from muse import Pipeline
 from muse.shapes import MODEL_DIR, captions, render, sample_scenes, stream
@@ -197,9 +198,9 @@ class Recipe:
     vq_eval_images: int = 1024  # held-out images for the VQ-GAN's PSNR and codebook usage
     workers: int = 4  # data loader processes of the U-ViT stage
     label_smoothing: float = 0.0
-    # the learning curve: the loop checkpoints the U-ViT at this many evenly spaced steps, and each checkpoint's
-    # held-out adherence is measured after the run, against the wall-clock minutes at which it was written
-    # (0 = only the final model is evaluated)
+    # the learning curve: the loop checkpoints the U-ViT every steps // curve_points steps (and at the end), and each
+    # checkpoint's held-out adherence is measured after the run, against the wall-clock minutes at which it was
+    # written (0 = only the final model is evaluated)
     curve_points: int = 0
 
     @classmethod
@@ -510,6 +511,8 @@ def build(
         log.info("stages 1-2: the VQ-GAN and text encoder of %s", reuse)
         vqvae, text_encoder = load_stages(Path(reuse))
         report["reused"] = str(reuse)
+        report["curve_origin"] = "stage 3"
+        t0, wall0 = time.perf_counter(), time.time()  # times count from here: stages 1-2 were not run
     report["vq"] = vq_report(vqvae, device, recipe.vq_eval_images)
     log.info("VQ-GAN: %s", report["vq"])
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -536,7 +539,8 @@ def build(
         },
         source=source,
     )
-    shutil.rmtree(work / "uvit", ignore_errors=True)  # the loop's scratch: no checkpoints of an earlier run
+    for old in (work / "uvit").glob("*checkpoint-*"):  # no checkpoints of an earlier run (its pre-encoded cache stays)
+        shutil.rmtree(old)
     t2 = time.perf_counter()
     result = train_uvit_stage(recipe, components, data, work, device, progress)
     report["uvit_train_seconds"] = round(time.perf_counter() - t2, 1)
@@ -582,28 +586,39 @@ def evaluate(model_dir: Path, device: str = "cpu", per_triple: int = 2, progress
 
 
 def learning_curve(model_dir: Path, work: Path, report: dict, device: str = "cpu", per_triple: int = 2) -> list[dict]:
-    """Held-out adherence (the model's default sampling) of each U-ViT checkpoint of the run in `work`, stored in the
-    shipped dtype with the shipped VQ-GAN and text encoder of `model_dir`, against the minutes since the recipe
-    started at which the checkpoint was written (report["checkpoint_seconds"])."""
+    """Held-out adherence (the model's default sampling) of each U-ViT checkpoint of the run in `work`, rounded to
+    the shipped dtype (as the final model is), with the VQ-GAN and text encoder of `model_dir`; each against the
+    minutes since the recipe started at which the checkpoint was written (report["checkpoint_seconds"]; after a
+    `--reuse` run, since stage 3 started: report["curve_origin"])."""
+    seconds = report.get("checkpoint_seconds")
+    if not seconds:
+        raise ValueError("the report has no checkpoint_seconds: build with the recipe's curve_points > 0")
     pipe = Pipeline.from_pretrained(model_dir, device=device)
-    store = pipe.transformer.dtype
+    store = getattr(torch, report["recipe"]["store_dtype"])
     curve = []
-    for name, seconds in sorted(report["checkpoint_seconds"].items(), key=lambda kv: kv[1]):
-        state = load_file(str(work / "uvit" / name / "model.safetensors"))
-        pipe.transformer.load_state_dict({k: v.to(store) for k, v in state.items()})
+    for name in sorted(seconds, key=lambda n: int(n.split("-")[1])):
+        state = read_safetensors(work / "uvit" / name / WEIGHTS)
+        with torch.no_grad():
+            pipe.transformer.load_state_dict({k: v.to(store).to(pipe.transformer.dtype) for k, v in state.items()})
         ev = evaluate_adherence(pipe, per_triple=per_triple, progress=False)
         row = {
             "step": int(name.split("-")[1]),
-            "minutes": round(seconds / 60, 2),
+            "minutes": round(seconds[name] / 60, 2),
             "accuracy": ev.report.accuracy,
             "per_attribute": ev.report.per_attribute,
             "all_right": ev.report.all_right,
+            "prompts": ev.report.num_images,
         }
         log.info(
             "curve: step %d at %.1f min: held-out adherence %.1f%%", row["step"], row["minutes"], 100 * row["accuracy"]
         )
         curve.append(row)
     return curve
+
+
+def curve_title(report: dict) -> str:
+    origin = "since the recipe started" if report.get("curve_origin") != "stage 3" else "since stage 3 (--reuse)"
+    return f"muse train-default: held-out adherence against minutes {origin}, device {report.get('device', '?')}"
 
 
 def main(argv=None, prog: str = "python -m train.default_model") -> int:
@@ -629,7 +644,8 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="measure a few steps first and stop if the projected training time exceeds this",
+        help="time a few steps of each stage first and stop if the projected training time (the VQ-GAN's and the "
+        "U-ViT's steps; not the images, the pre-encoding or the evaluation) exceeds this",
     )
     p.add_argument(
         "--figures",
@@ -637,22 +653,35 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
         metavar="DIR",
         help="only draw the README figures of --out into DIR (e.g. docs), and the learning curve of WORK/report.json",
     )
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="only evaluate the learning curve of WORK's checkpoints (with --out's model) into WORK/report.json",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.figures:
         for path in make_figures(args.out, Path(args.figures)):
             print(path)
         report_file = Path(args.work) / "report.json"
-        curve = json.loads(report_file.read_text()).get("curve") if report_file.is_file() else None
-        if curve:
-            title = f"muse train-default: held-out adherence during training ({report_file})"
-            print(figure_curve(curve, Path(args.figures) / "default_model_curve.svg", title))
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        if report.get("curve"):
+            print(figure_curve(report["curve"], Path(args.figures) / "default_model_curve.svg", curve_title(report)))
         return 0
-    recipe = RECIPES[args.recipe]()
-    if args.seed is not None:
-        recipe.seed = args.seed
     if args.out is None:
         args.out = MODEL_DIR
+    if args.curve:
+        report_file = Path(args.work) / "report.json"
+        if not report_file.is_file():
+            log.error("--curve: no %s (run the recipe with this --work first)", report_file)
+            return 2
+        report = json.loads(report_file.read_text())
+        report["curve"] = learning_curve(Path(args.out), Path(args.work), report, args.device, args.eval_per_triple)
+        report_file.write_text(json.dumps(report, indent=1))
+        return 0
+    recipe = RECIPES[args.recipe]()
+    if args.seed is not None:  # every stage's seed: the VQ-GAN's crops and restarts too
+        recipe.seed = recipe.vq_train.seed = args.seed
     if args.time_budget is not None:
         estimate = preflight(recipe, args.device)
         log.info("preflight: %s", estimate)
@@ -678,7 +707,7 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
             100 * report["eval"]["vq"]["usage"],
         )
     if recipe.curve_points and not args.skip_eval:
-        report["curve"] = learning_curve(Path(args.out), Path(args.work), report, args.device)
+        report["curve"] = learning_curve(Path(args.out), Path(args.work), report, args.device, args.eval_per_triple)
         (Path(args.work) / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=1))
     return 0

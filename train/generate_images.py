@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load_transformer_from",
         default=None,
-        help="a trained U-ViT: a transformer/ folder (diffusers layout) or its parent",
+        help="a trained U-ViT: a transformer/ folder (diffusers layout, or ours for a U-ViT with a position embedding) or its parent",
     )
     p.add_argument(
         "--load_transformer_lora_from", default=None, help="LoRA adapters: a file or the training output folder"
@@ -92,7 +92,10 @@ def load_transformer_into(transformer, path: str | Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     if (folder / OUR_TRANSFORMER_WEIGHTS).is_file():
         trained = UViT(UViTConfig.from_dict(config, strict=True))
-        trained.load_state_dict(read_safetensors(folder / OUR_TRANSFORMER_WEIGHTS))
+        try:
+            trained.load_state_dict(read_safetensors(folder / OUR_TRANSFORMER_WEIGHTS))
+        except RuntimeError as e:  # missing, unexpected or misshapen tensors
+            raise ValueError(f"{folder / OUR_TRANSFORMER_WEIGHTS} does not fit its config.json: {e}") from None
     else:
         trained = uvit_from_diffusers(config, load_file(str(folder / DIFFUSERS_TRANSFORMER_WEIGHTS)))
     if trained.config != transformer.config:

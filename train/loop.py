@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from convert import ConversionError, load_components, uvit_to_diffusers
+from convert import load_components, uvit_to_diffusers
 from convert.lora import (
     CLIP_ALIASES,
     MUSE_WEIGHT_NAME,
@@ -36,6 +36,7 @@ from convert.lora import (
     read_lora_file,
     save_lora,
 )
+from convert.ours import WEIGHTS as OUR_TRANSFORMER_WEIGHTS
 from convert.safe_load import read_safetensors, safetensors_header
 from muse import Pipeline, files
 from muse.arguments import check_device
@@ -63,7 +64,6 @@ from .resume import settings_of
 from .tracking import MemoryMonitor, Tracker, memory_stats, setup_logging
 
 DIFFUSERS_TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
-OUR_TRANSFORMER_WEIGHTS = "model.safetensors"
 
 log = logging.getLogger("train")
 
@@ -581,15 +581,16 @@ def base_config(transformer) -> dict:
 
 def transformer_files(transformer) -> tuple[dict, dict, str]:
     """(config, tensors, weights file name) of the trained U-ViT's folder: the diffusers layout
-    (diffusion_pytorch_model.safetensors), or ours (model.safetensors, our names) for a U-ViT with a feature that
-    diffusers' UVit2DModel lacks, such as a position embedding."""
-    try:
+    (diffusion_pytorch_model.safetensors), or ours (model.safetensors, our names) for a U-ViT with a position
+    embedding, which diffusers' UVit2DModel does not have."""
+    if transformer.config.position_embedding is None:
         config, state = uvit_to_diffusers(transformer)
         return config, state, DIFFUSERS_TRANSFORMER_WEIGHTS
-    except ConversionError as e:
-        log.info("the trained U-ViT is saved in our layout: %s", e)
-        config = {"_class": "uvit.UViT", **transformer.config.to_dict()}
-        return config, transformer.state_dict(), OUR_TRANSFORMER_WEIGHTS
+    log.warning(
+        "the U-ViT has position_embedding=%r, which diffusers' UVit2DModel lacks: transformer/ is in our layout",
+        transformer.config.position_embedding,
+    )
+    return {"_class": "uvit.UViT", **transformer.config.to_dict()}, transformer.state_dict(), OUR_TRANSFORMER_WEIGHTS
 
 
 def save_final(out: Path, cfg: TrainConfig, transformer, text_encoder) -> None:

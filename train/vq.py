@@ -333,6 +333,8 @@ def train_vqgan(
     elif cfg.init_codes != "random":
         raise ValueError(f"init_codes must be 'random' or 'data', got {cfg.init_codes!r}")
     history: list[dict] = []
+    if not 0.0 <= cfg.crop_until <= 1.0:
+        raise ValueError(f"crop_until is a fraction of the steps in [0, 1], got {cfg.crop_until}")
     crop_steps = round(cfg.crop_until * cfg.steps) if cfg.crop_size else 0
     crop_gen = torch.Generator().manual_seed(cfg.seed + 2)
     t0 = time.time()
