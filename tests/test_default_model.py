@@ -223,6 +223,12 @@ def test_reduced_training_run_both_losses_fall_and_the_result_loads(tmp_path):
     assert svg.startswith("<?xml") and "held-out attributes right" in svg
     # the last point is the shipped model: the checkpoint rounded to the stored dtype gives the final evaluation
     assert curve[-1]["accuracy"] == evaluate(tmp_path / "model", per_triple=2, progress=False)["adherence"]["accuracy"]
+    # the command's --curve scores the same checkpoints again into the work folder's report
+    where = ["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--device", "cpu"]
+    assert default_model_main(["--curve", *where]) == 0
+    saved = json.loads((tmp_path / "work" / "report.json").read_text())["curve"]
+    assert [row["accuracy"] for row in saved] == [row["accuracy"] for row in curve]
+    assert default_model_main(["--curve", "--work", str(tmp_path / "nowhere")]) == 2
     report.pop("checkpoint_seconds")
     with pytest.raises(ValueError, match="no checkpoint_seconds"):
         learning_curve(tmp_path / "model", tmp_path / "work", report)
