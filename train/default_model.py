@@ -95,9 +95,9 @@ class TextEncoderConfig:
         return CLIPTextModelWithProjection(cfg).requires_grad_(False).eval()
 
 
-def shapes_vqgan_config() -> VQGANConfig:
+def shapes_vqgan_config(**overrides) -> VQGANConfig:
     """The VQ-GAN of the embedded default model: 64x64 images -> 16x16 ids (factor 4), 512 codes of 16 dims."""
-    return VQGANConfig(
+    base = dict(
         block_out_channels=(32, 64, 64),
         layers_per_block=2,
         latent_channels=16,
@@ -105,6 +105,8 @@ def shapes_vqgan_config() -> VQGANConfig:
         norm_num_groups=16,
         sample_size=64,
     )
+    base.update(overrides)
+    return VQGANConfig(**base)
 
 
 def shipped_vq_training() -> VQTrainConfig:
@@ -117,14 +119,7 @@ def shipped_vq_training() -> VQTrainConfig:
 def cpu_vqgan_config() -> VQGANConfig:
     """The VQ-GAN of the CPU recipe: 64x64 images -> 16x16 ids (factor 4) through three levels of 32 channels with
     no ResNet blocks in the encoder (the decoder keeps one per level), 512 codes of 16 dimensions."""
-    return VQGANConfig(
-        block_out_channels=(32, 32, 32),
-        layers_per_block=0,
-        latent_channels=16,
-        num_vq_embeddings=512,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    return shapes_vqgan_config(block_out_channels=(32, 32, 32), layers_per_block=0, norm_num_groups=8)
 
 
 def cpu_vq_training() -> VQTrainConfig:
@@ -466,7 +461,7 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
         opt_u.step()
         opt_u.zero_grad()
 
-    crop_steps = round(vq_cfg.crop_until * vq_cfg.steps) if vq_cfg.crop_size else 0
+    crop_steps = vq_cfg.crop_steps
     vq_crop_s = clock(lambda: vq_train_step(vq_cfg.crop_size)) if crop_steps else 0.0
     vq_s, uvit_s = clock(vq_train_step), clock(uvit_train_step)
     return {
@@ -477,6 +472,14 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
         + vq_s * (vq_cfg.steps - crop_steps)
         + uvit_s * recipe.steps,
     }
+
+
+def report_path(work) -> Path:
+    return Path(work) / "report.json"
+
+
+def write_report(work, report: dict) -> None:
+    report_path(work).write_text(json.dumps(report, indent=1))
 
 
 def build(
@@ -574,7 +577,7 @@ def build(
     log.info("wrote %s: %.2f MB, parameters %s", out, report["model_bytes"] / 2**20, report["parameters"])
     if report["model_bytes"] > SIZE_BUDGET_BYTES:
         log.warning("the model is over the %d MB budget", SIZE_BUDGET_BYTES // 2**20)
-    (work / "report.json").write_text(json.dumps(report, indent=1))
+    write_report(work, report)
     return report
 
 
@@ -595,14 +598,15 @@ def learning_curve(model_dir: Path, work: Path, report: dict, device: str = "cpu
         raise ValueError("the report has no checkpoint_seconds: build with the recipe's curve_points > 0")
     pipe = Pipeline.from_pretrained(model_dir, device=device)
     store = getattr(torch, report["recipe"]["store_dtype"])
+    steps = {name: int(name.split("-")[1]) for name in seconds}  # checkpoint-<step>
     curve = []
-    for name in sorted(seconds, key=lambda n: int(n.split("-")[1])):
+    for name in sorted(seconds, key=steps.get):
         state = read_safetensors(work / "uvit" / name / WEIGHTS)
         with torch.no_grad():
             pipe.transformer.load_state_dict({k: v.to(store).to(pipe.transformer.dtype) for k, v in state.items()})
         ev = evaluate_adherence(pipe, per_triple=per_triple, progress=False)
         row = {
-            "step": int(name.split("-")[1]),
+            "step": steps[name],
             "minutes": round(seconds[name] / 60, 2),
             "accuracy": ev.report.accuracy,
             "per_attribute": ev.report.per_attribute,
@@ -663,7 +667,7 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
     if args.figures:
         for path in make_figures(args.out, Path(args.figures)):
             print(path)
-        report_file = Path(args.work) / "report.json"
+        report_file = report_path(args.work)
         report = json.loads(report_file.read_text()) if report_file.is_file() else {}
         if report.get("curve"):
             print(figure_curve(report["curve"], Path(args.figures) / "default_model_curve.svg", curve_title(report)))
@@ -671,13 +675,13 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
     if args.out is None:
         args.out = MODEL_DIR
     if args.curve:
-        report_file = Path(args.work) / "report.json"
+        report_file = report_path(args.work)
         if not report_file.is_file():
             log.error("--curve: no %s (run the recipe with this --work first)", report_file)
             return 2
         report = json.loads(report_file.read_text())
         report["curve"] = learning_curve(Path(args.out), Path(args.work), report, args.device, args.eval_per_triple)
-        report_file.write_text(json.dumps(report, indent=1))
+        write_report(args.work, report)
         return 0
     recipe = RECIPES[args.recipe]()
     if args.seed is not None:  # every stage's seed: the VQ-GAN's crops and restarts too
@@ -699,7 +703,7 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
         t = time.perf_counter()
         report["eval"] = evaluate(Path(args.out), args.device, args.eval_per_triple)
         report["eval_seconds"] = round(time.perf_counter() - t, 1)
-        (Path(args.work) / "report.json").write_text(json.dumps(report, indent=1))
+        write_report(args.work, report)
         log.info(
             "held-out adherence %.1f%%, VQ PSNR %.2f dB, codebook usage %.1f%%",
             100 * report["eval"]["adherence"]["accuracy"],
@@ -708,7 +712,7 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
         )
     if recipe.curve_points and not args.skip_eval:
         report["curve"] = learning_curve(Path(args.out), Path(args.work), report, args.device, args.eval_per_triple)
-        (Path(args.work) / "report.json").write_text(json.dumps(report, indent=1))
+        write_report(args.work, report)
     print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=1))
     return 0
 

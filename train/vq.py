@@ -80,6 +80,13 @@ class VQTrainConfig:
     log_every: int = 100
     seed: int = 0
 
+    @property
+    def crop_steps(self) -> int:
+        """How many of the first steps train on crops."""
+        if not 0.0 <= self.crop_until <= 1.0:
+            raise ValueError(f"crop_until is a fraction of the steps in [0, 1], got {self.crop_until}")
+        return round(self.crop_until * self.steps) if self.crop_size else 0
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -333,9 +340,7 @@ def train_vqgan(
     elif cfg.init_codes != "random":
         raise ValueError(f"init_codes must be 'random' or 'data', got {cfg.init_codes!r}")
     history: list[dict] = []
-    if not 0.0 <= cfg.crop_until <= 1.0:
-        raise ValueError(f"crop_until is a fraction of the steps in [0, 1], got {cfg.crop_until}")
-    crop_steps = round(cfg.crop_until * cfg.steps) if cfg.crop_size else 0
+    crop_steps = cfg.crop_steps
     crop_gen = torch.Generator().manual_seed(cfg.seed + 2)
     t0 = time.time()
     for step in trange(cfg.steps, disable=not progress, desc="vq-gan"):
