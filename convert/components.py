@@ -17,9 +17,12 @@ MASKING_SCHEDULES = ("cosine", "linear")
 
 @dataclass
 class Components:
-    transformer: UViT
-    vqvae: VQGAN
-    text_encoder: nn.Module  # transformers CLIPTextModelWithProjection
+    """The three networks, the tokenizer and the scheduler settings. A network is None where the loader was asked
+    for only some of them (`load_components(..., networks=...)`): such a set can serve, not be saved."""
+
+    transformer: UViT | None
+    vqvae: VQGAN | None
+    text_encoder: nn.Module | None  # transformers CLIPTextModelWithProjection
     tokenizer: object  # transformers CLIPTokenizer, pads with <|endoftext|> (49407) to 77
     scheduler_config: dict = field(
         default_factory=dict
@@ -29,7 +32,16 @@ class Components:
     MODULES = ("transformer", "vqvae", "text_encoder")
 
     def modules(self) -> dict[str, nn.Module]:
-        return {name: getattr(self, name) for name in self.MODULES}
+        """The networks that are loaded, by name."""
+        return {name: getattr(self, name) for name in self.MODULES if getattr(self, name) is not None}
+
+    def check_complete(self, action: str) -> None:
+        """Raise ValueError naming the networks that are not loaded (`action`: what needed them all)."""
+        missing = [name for name in self.MODULES if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"cannot {action}: {', '.join(missing)} not loaded (these components were loaded with networks=...)"
+            )
 
     def num_parameters(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}

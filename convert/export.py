@@ -38,6 +38,7 @@ def weights_name(stem: str, variant: str | None) -> str:
 def export_pipeline(components: Components, directory: str | os.PathLike, variant: str | None = None) -> list[Path]:
     """Write a diffusers pipeline folder; returns the files written. With `variant` ("fp16", ...) the weight files
     carry the variant in their names, and are cast to the precision the variant names."""
+    components.check_complete(f"export to {directory}")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     cast = VARIANT_DTYPES.get(variant) if variant else None

@@ -117,9 +117,14 @@ def _network_from_folder(folder: Path, variant, dtype, stems, class_name, build:
 
 
 def load_published(
-    folder: str | Path, dtype: torch.dtype | None = None, variant: str | None = None, progress=None
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    progress=None,
+    networks=Components.MODULES,
 ) -> Components:
-    """A diffusers aMUSEd pipeline folder (model_index.json + one folder per component) -> our Components."""
+    """A diffusers aMUSEd pipeline folder (model_index.json + one folder per component) -> our Components; only the
+    `networks` named are loaded (the others are None)."""
     folder = Path(folder)
     index_path = folder / DIFFUSERS_MARKER
     index = read_json(index_path, "pipeline index")
@@ -132,38 +137,44 @@ def load_published(
             )
     step = progress or (lambda name: None)
 
-    step("transformer")
-    transformer = _network_from_folder(
-        folder / "transformer",
-        variant,
-        dtype,
-        ("diffusion_pytorch_model",),
-        "UVit2DModel",
-        uvit_from_diffusers,
-        UViTConfig,
-        "U-ViT",
-    )
-    step("vqvae")
-    vqvae = _network_from_folder(
-        folder / "vqvae",
-        variant,
-        dtype,
-        ("diffusion_pytorch_model",),
-        "VQModel",
-        vqgan_from_diffusers,
-        VQGANConfig,
-        "VQ-GAN",
-    )
-    step("text_encoder")
-    te_folder = folder / "text_encoder"
-    te_weights = find_weights(te_folder, ("model", "pytorch_model"), variant)
-    te_state = read_component_weights(te_weights)
-    check_stored_dtype(te_state, te_weights, VARIANT_DTYPES.get(variant))
-    text_encoder = load_text_encoder(te_folder, te_state, te_weights, dtype)
+    transformer = vqvae = text_encoder = None
+    if "transformer" in networks:
+        step("transformer")
+        transformer = _network_from_folder(
+            folder / "transformer",
+            variant,
+            dtype,
+            ("diffusion_pytorch_model",),
+            "UVit2DModel",
+            uvit_from_diffusers,
+            UViTConfig,
+            "U-ViT",
+        )
+    if "vqvae" in networks:
+        step("vqvae")
+        vqvae = _network_from_folder(
+            folder / "vqvae",
+            variant,
+            dtype,
+            ("diffusion_pytorch_model",),
+            "VQModel",
+            vqgan_from_diffusers,
+            VQGANConfig,
+            "VQ-GAN",
+        )
+    if "text_encoder" in networks:
+        step("text_encoder")
+        te_folder = folder / "text_encoder"
+        te_weights = find_weights(te_folder, ("model", "pytorch_model"), variant)
+        te_state = read_component_weights(te_weights)
+        check_stored_dtype(te_state, te_weights, VARIANT_DTYPES.get(variant))
+        text_encoder = load_text_encoder(te_folder, te_state, te_weights, dtype)
     step("tokenizer")
     tokenizer = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
     step("scheduler")
-    scheduler = scheduler_config_from(folder / "scheduler" / "scheduler_config.json", transformer.config)
+    scheduler = {}  # checked against the transformer's config: read when the transformer is loaded
+    if transformer is not None:
+        scheduler = scheduler_config_from(folder / "scheduler" / "scheduler_config.json", transformer.config)
     return Components(transformer, vqvae, text_encoder, tokenizer, scheduler, source=str(folder))
 
 
@@ -207,18 +218,25 @@ def load_components(
     *,
     revision: str | None = None,
     progress: Callable[[str], None] | None = None,
+    networks: Iterable[str] = Components.MODULES,
 ) -> Components:
     """Load an aMUSEd pipeline from a published diffusers folder, one of ours, an open-muse checkpoint folder, or a
     hub id (fetched into / found in the local hub cache). `dtype` (default float32) applies to all three networks;
     `variant` picks the variant weight files (e.g. "fp16") of a diffusers folder; `progress(name)` is called before
-    each component loads."""
+    each component loads. `networks` names those to load (default all three of Components.MODULES); the others
+    are None, and the scheduler config is read only with the transformer (training loads the encoders, pre-encodes
+    and frees them before the U-ViT, so the three are never in memory together)."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    networks = tuple(networks)
+    unknown = sorted(set(networks) - set(Components.MODULES))
+    if unknown or not networks:
+        raise ValueError(f"networks must name some of {Components.MODULES}, got {networks!r}")
     dtype = dtype or torch.float32
     folder = resolve_pipeline_dir(path_or_id, variant=variant, revision=revision)
     kind = detect_format(folder)
     with _gc_paused():
-        components = _load_folder(folder, kind, dtype, variant, progress)
+        components = _load_folder(folder, kind, dtype, variant, progress, networks)
     components.source = str(path_or_id)
     if device is not None:
         components.to(device)
@@ -239,14 +257,14 @@ def _gc_paused():
             gc.enable()
 
 
-def _load_folder(folder: Path, kind: str, dtype: torch.dtype, variant: str | None, progress) -> Components:
+def _load_folder(folder: Path, kind: str, dtype: torch.dtype, variant: str | None, progress, networks) -> Components:
     if kind == "diffusers":
-        return load_published(folder, dtype, variant, progress)
+        return load_published(folder, dtype, variant, progress, networks)
     if kind == "ours":
         if variant:
             log.warning("%s: our format has no weight variants; ignoring variant=%r", folder, variant)
-        return load_ours(folder, dtype, progress)
-    return load_open_muse(folder, dtype, variant, progress)
+        return load_ours(folder, dtype, progress, networks)
+    return load_open_muse(folder, dtype, variant, progress, networks)
 
 
 def save_components(components: Components, directory: str | os.PathLike) -> list[Path]:

@@ -463,23 +463,41 @@ def _load_network(folder: Path, build: Callable, dtype, what: str):
 
 
 def load_open_muse(
-    folder: str | Path, dtype: torch.dtype | None = None, variant: str | None = None, progress=None
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    progress=None,
+    networks=Components.MODULES,
 ) -> Components:
-    """An open-muse checkpoint folder (layout in the module docstring) -> our Components."""
+    """An open-muse checkpoint folder (layout in the module docstring) -> our Components; only the `networks` named
+    are loaded (the others are None)."""
     root = Path(folder)
     if variant:
         log.warning("%s: open-muse checkpoints have no weight variants; ignoring variant=%r", root, variant)
     step = progress or (lambda name: None)
-    step("transformer")
-    transformer = _load_network(root / "transformer", uvit_from_open_muse, dtype, "open-muse U-ViT")
-    step("vqvae")
-    vq_dir = next((root / n for n in VQ_FOLDERS if (root / n).is_dir()), None)
-    if vq_dir is None:
-        raise CheckpointError(
-            f"{root}: the VQ-GAN folder is missing (looked for {' or '.join(n + '/' for n in VQ_FOLDERS)})"
-        )
-    vqvae = _load_network(vq_dir, vqgan_from_open_muse, dtype, "open-muse VQ-GAN")
-    step("text_encoder")
+    transformer = vqvae = text_encoder = None
+    if "transformer" in networks:
+        step("transformer")
+        transformer = _load_network(root / "transformer", uvit_from_open_muse, dtype, "open-muse U-ViT")
+    if "vqvae" in networks:
+        step("vqvae")
+        vq_dir = next((root / n for n in VQ_FOLDERS if (root / n).is_dir()), None)
+        if vq_dir is None:
+            raise CheckpointError(
+                f"{root}: the VQ-GAN folder is missing (looked for {' or '.join(n + '/' for n in VQ_FOLDERS)})"
+            )
+        vqvae = _load_network(vq_dir, vqgan_from_open_muse, dtype, "open-muse VQ-GAN")
+    if "text_encoder" in networks:
+        step("text_encoder")
+        text_encoder = _load_open_muse_text_encoder(root, dtype)
+    step("tokenizer")
+    tokenizer = load_tokenizer(root / "tokenizer" if (root / "tokenizer").is_dir() else None)
+    step("scheduler")
+    scheduler = default_scheduler_config(transformer.config.mask_token_id) if transformer is not None else {}
+    return Components(transformer, vqvae, text_encoder, tokenizer, scheduler, source=str(root))
+
+
+def _load_open_muse_text_encoder(root: Path, dtype):
     te_dir = root / "text_encoder"
     if not te_dir.is_dir():
         raise CheckpointError(
@@ -488,15 +506,4 @@ def load_open_muse(
     te_weights = next((te_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (te_dir / n).is_file()), None)
     if te_weights is None:
         raise CheckpointError(f"{te_dir}: no weights file (looked for model.safetensors, pytorch_model.bin)")
-    text_encoder = load_text_encoder(te_dir, read_weights(te_weights), te_weights, dtype)
-    step("tokenizer")
-    tokenizer = load_tokenizer(root / "tokenizer" if (root / "tokenizer").is_dir() else None)
-    step("scheduler")
-    return Components(
-        transformer,
-        vqvae,
-        text_encoder,
-        tokenizer,
-        default_scheduler_config(transformer.config.mask_token_id),
-        source=str(root),
-    )
+    return load_text_encoder(te_dir, read_weights(te_weights), te_weights, dtype)

@@ -42,6 +42,7 @@ NETWORKS = {  # component -> (model class, config class)
 
 def save_ours(components: Components, directory: str | os.PathLike) -> list[Path]:
     """Write `components` into `directory` (created; existing files of the same names are replaced)."""
+    components.check_complete(f"save to {directory}")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -82,7 +83,10 @@ def _save_tokenizer(tokenizer, directory: Path) -> list[Path]:
     return [Path(p) for p in tokenizer.save_pretrained(str(directory)) if Path(p).is_file()]
 
 
-def load_ours(folder: str | Path, dtype: torch.dtype | None = None, progress=None) -> Components:
+def load_ours(
+    folder: str | Path, dtype: torch.dtype | None = None, progress=None, networks=Components.MODULES
+) -> Components:
+    """Our folder -> Components; only the `networks` named are loaded (the others are None)."""
     root = Path(folder)
     index = read_json(root / MARKER, "muse index")
     if index.get("format") != FORMAT:
@@ -93,23 +97,27 @@ def load_ours(folder: str | Path, dtype: torch.dtype | None = None, progress=Non
         )
     step = progress or (lambda name: None)
     declared = _declared_dtypes(index, root / MARKER)
-    networks = {}
+    loaded = dict.fromkeys(Components.MODULES)
     for name, (model_cls, config_cls) in NETWORKS.items():
-        step(name)
-        networks[name] = load_network(root / name, model_cls, config_cls, dtype, declared.get(name))
-    step("text_encoder")
-    te_weights = root / "text_encoder" / WEIGHTS
-    te_state = read_safetensors(te_weights)
-    check_stored_dtype(te_state, te_weights, declared.get("text_encoder"))
-    text_encoder = load_text_encoder(root / "text_encoder", te_state, te_weights, dtype)
+        if name in networks:
+            step(name)
+            loaded[name] = load_network(root / name, model_cls, config_cls, dtype, declared.get(name))
+    if "text_encoder" in networks:
+        step("text_encoder")
+        te_weights = root / "text_encoder" / WEIGHTS
+        te_state = read_safetensors(te_weights)
+        check_stored_dtype(te_state, te_weights, declared.get("text_encoder"))
+        loaded["text_encoder"] = load_text_encoder(root / "text_encoder", te_state, te_weights, dtype)
     step("tokenizer")
     tokenizer = load_tokenizer(root / "tokenizer" if (root / "tokenizer").is_dir() else None)
     step("scheduler")
     sched_path = root / "scheduler" / "config.json"
-    scheduler = check_scheduler_config(
-        read_json(sched_path, "scheduler config"), networks["transformer"].config, sched_path
-    )
-    return Components(networks["transformer"], networks["vqvae"], text_encoder, tokenizer, scheduler, source=str(root))
+    scheduler = {}  # checked against the transformer's config: read when the transformer is loaded
+    if loaded["transformer"] is not None:
+        scheduler = check_scheduler_config(
+            read_json(sched_path, "scheduler config"), loaded["transformer"].config, sched_path
+        )
+    return Components(**loaded, tokenizer=tokenizer, scheduler_config=scheduler, source=str(root))
 
 
 def _declared_dtypes(index: dict, path: Path) -> dict[str, torch.dtype]:

@@ -224,6 +224,31 @@ def test_our_format_is_readable_json_and_safetensors(ours_dir):
     assert "layers.0.attn.q.weight" in names  # our parameter names, not diffusers'
 
 
+@pytest.mark.parametrize("form", ["published", "ours"])
+def test_some_networks_load_alone_and_cannot_be_saved(form, loaded, ours_dir, published_dirs, tmp_path):
+    """networks=...: only the named networks are built (training loads the encoders, pre-encodes, frees them and
+    only then the U-ViT); they are the full load's tensors, and a partial set is refused by the writers."""
+    folder = ours_dir if form == "ours" else published_dirs("tiny-512")
+    full = loaded("tiny-512")
+    enc = convert.load_components(str(folder), networks=("vqvae", "text_encoder"))
+    assert enc.transformer is None and enc.scheduler_config == {}  # the scheduler is checked against the U-ViT
+    assert set(enc.modules()) == {"vqvae", "text_encoder"}
+    for name in ("vqvae", "text_encoder"):
+        a, b = getattr(full, name).state_dict(), getattr(enc, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    uvit = convert.load_components(str(folder), networks=["transformer"])
+    assert uvit.vqvae is None and uvit.text_encoder is None
+    assert uvit.scheduler_config == full.scheduler_config and uvit.transformer.config == full.transformer.config
+    with pytest.raises(ValueError, match="transformer not loaded"):
+        convert.save_components(enc, tmp_path / "partial")
+    with pytest.raises(ValueError, match="vqvae, text_encoder not loaded"):
+        convert.export_diffusers(uvit, tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()  # refused before anything is written
+    for bad in ("transformer", ("unet",), ()):  # a bare string would be its letters
+        with pytest.raises(ValueError, match="networks must name some of"):
+            convert.load_components(str(folder), networks=bad)
+
+
 @pytest.mark.slow
 def test_our_format_and_published_folders_load_without_diffusers(ours_dir, published_dirs):
     """Library code never imports diffusers: load both formats with `import diffusers` made to fail."""

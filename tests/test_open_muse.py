@@ -314,6 +314,11 @@ def test_open_muse_folder_loads_through_load_components(weights, reference_pipel
     assert torch.equal(
         ids, pipe.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     )
+    enc = convert.load_components(str(folder), networks=("vqvae", "text_encoder"))
+    assert enc.transformer is None and enc.scheduler_config == {}
+    assert all(torch.equal(v, c.vqvae.state_dict()[k]) for k, v in enc.vqvae.state_dict().items())
+    alone = convert.load_components(str(folder), networks=("transformer",))
+    assert alone.vqvae is None and alone.text_encoder is None and alone.scheduler_config == c.scheduler_config
 
 
 # --- what cannot be inferred, and what does not fit ------------------------------------------------------------

@@ -396,6 +396,42 @@ def test_training_from_a_pre_encoded_cache_frees_the_encoders(tmp_path, tokenize
     assert comps.vqvae is not None and (tmp_path / "v/out/validation/step-1/00.png").is_file()
 
 
+@pytest.mark.parametrize("pre_encode", [True, False])
+def test_a_model_folder_is_loaded_so_that_the_networks_never_peak_together(
+    tmp_path, tokenizer, monkeypatch, pre_encode
+):
+    """From a folder, with pre-encoding: the encoders are loaded, used and freed before the U-ViT is loaded.
+    Without: all three at once, the VQ decoder dropped (nothing decodes without validation). Either way the run
+    is the one the same weights give when passed in memory, loss for loss."""
+    import weakref
+
+    import convert
+    import train.loop as loop
+
+    folder = tmp_path / "model"
+    comps = tiny_components(tokenizer)
+    comps.scheduler_config = convert.components.default_scheduler_config(comps.transformer.config.mask_token_id)
+    convert.save_components(comps, folder)
+    images = make_images(tmp_path / "img")
+    loads, refs = [], []
+
+    def spy(path, **kw):
+        loads.append((tuple(kw["networks"]), [ref() is not None for ref in refs]))  # which earlier ones still live
+        c = convert.load_components(path, **kw)
+        refs.extend(weakref.ref(m) for m in c.modules().values())
+        return c
+
+    monkeypatch.setattr(loop, "load_components", spy)
+    run = dict(pre_encode=pre_encode, max_train_steps=3, cond_dropout_prob=0.5)
+    from_folder = train(config(tmp_path / "a", images, pretrained_model_name_or_path=str(folder), **run))
+    if pre_encode:
+        assert loads == [(("vqvae", "text_encoder"), []), (("transformer",), [False, False])]
+    else:
+        assert loads == [(Components.MODULES, [])]
+    in_memory = train(config(tmp_path / "b", images, **run), tiny_components(tokenizer))
+    assert from_folder.losses == in_memory.losses and len(from_folder.losses) == 3
+
+
 def test_parameter_groups_exempt_what_the_reference_exempts():
     """The reference's rule on diffusers names ("bias", "layer_norm.weight", "mlm_ln.weight", "embeddings.weight")
     applied to UVit2DModel picks the same tensors as our groups pick in our U-ViT."""

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from convert import load_components, uvit_to_diffusers
+from convert import Components, load_components, uvit_to_diffusers
 from convert.lora import (
     CLIP_ALIASES,
     MUSE_WEIGHT_NAME,
@@ -72,6 +72,7 @@ OPTIMIZER_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 # trained parameters from which on the optimizer steps inside the backward pass (where it can: see `steps_in_backward`):
 # the full gradients are then never held at once. Below it (LoRA) they are small and one step for all is cheaper.
 STEP_IN_BACKWARD_MIN_PARAMETERS = 2**24
+ENCODERS = ("vqvae", "text_encoder")  # what pre-encoding needs, loaded (and freed) before the U-ViT
 
 
 @dataclass
@@ -106,16 +107,15 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     torch.manual_seed(seed + dist.rank)
     gen = torch.Generator().manual_seed(seed)
 
-    # --- models: the frozen encoders first (with pre-encoding they serve only that), then the U-ViT ---------------------
-    if components is None:
-        log.info("loading %s", cfg.pretrained_model_name_or_path)
-        components = load_components(cfg.pretrained_model_name_or_path, variant=cfg.variant, revision=cfg.revision)
-    if resume is not None:  # before any state is loaded: refuse settings that shape the saved state differently
-        resume_check(resume, checkpoint.read_state(resume), cfg, components.transformer.config.to_dict())
+    # --- models: the frozen encoders first, then the U-ViT --------------------------------------------------------------
+    # With pre-encoding the encoders serve only to fill the cache: loaded here, they are freed (unless validation
+    # needs them) before the U-ViT is loaded, so the three networks are never in memory at once.
+    loaded_here = components is None
+    if loaded_here:
+        components = load_networks(cfg, ENCODERS if cfg.pre_encode else Components.MODULES)
     text_encoder = prepare_text_encoder(cfg, components.text_encoder, device)
     tokenizer = components.tokenizer
     vqvae = components.vqvae.requires_grad_(False).eval().to(device)  # the VQ-GAN stays fp32, as the reference
-    mask_id = int((components.scheduler_config or {}).get("mask_token_id", components.transformer.mask_token_id))
 
     def encode_prompts(prompts: list[str]):
         """prompts -> (encoder_hidden_states (B, 77, D), prompt_embeds (B, Dc)), with grad when the encoder trains."""
@@ -137,16 +137,29 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
         empty = (dataset.empty_hidden, dataset.empty_pooled)
         if cfg.validation_prompts:  # kept for validation, off the training device
             vqvae, text_encoder = vqvae.to("cpu"), text_encoder.to("cpu")
-        else:  # nothing needs them any more: free them
-            vqvae = text_encoder = components.vqvae = components.text_encoder = None
+        else:  # nothing needs them any more: free them (and a tokenizer loaded here: tens of MB of Python objects)
+            vqvae = text_encoder = components.vqvae = components.text_encoder = tokenizer = None
+            if loaded_here:
+                components.tokenizer = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if loaded_here:
+            uvit_only = load_networks(cfg, ("transformer",))  # its tokenizer is dropped with it
+            components.transformer, components.scheduler_config = uvit_only.transformer, uvit_only.scheduler_config
+            del uvit_only
     else:
-        # training encodes only: the VQ decoder (60% of the VQ-GAN) waits on the CPU until validation needs it
-        vqvae.decoder.to("cpu")
-        vqvae.post_quant_conv.to("cpu")
+        # training encodes only: the VQ decoder (60% of the VQ-GAN) waits on the CPU until validation needs it, and
+        # without validation, in a model loaded here, it is dropped
+        if loaded_here and not cfg.validation_prompts:
+            vqvae.decoder = vqvae.post_quant_conv = None
+        else:
+            vqvae.decoder.to("cpu")
+            vqvae.post_quant_conv.to("cpu")
         empty = None if cfg.train_text_encoder else encode_prompts([""])  # the empty prompt, for conditioning dropout
+    if resume is not None:  # before any state is loaded: refuse settings that shape the saved state differently
+        resume_check(resume, checkpoint.read_state(resume), cfg, components.transformer.config.to_dict())
+    mask_id = int((components.scheduler_config or {}).get("mask_token_id", components.transformer.mask_token_id))
     transformer = prepare_transformer(cfg, components.transformer, device)
     trained = {"transformer": [p for p in transformer.parameters() if p.requires_grad]}
     if cfg.train_text_encoder:
@@ -318,6 +331,14 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
 
 
 # --- models --------------------------------------------------------------------------------------------------------------
+
+
+def load_networks(cfg: TrainConfig, networks: tuple[str, ...]):
+    """The named networks of the pretrained model (convert.Components, the others None)."""
+    log.info("loading %s from %s", ", ".join(networks), cfg.pretrained_model_name_or_path)
+    return load_components(
+        cfg.pretrained_model_name_or_path, variant=cfg.variant, revision=cfg.revision, networks=networks
+    )
 
 
 def prepare_transformer(cfg: TrainConfig, transformer, device):
