@@ -54,3 +54,27 @@ def test_train_speed_benchmark_writes_its_table(tmp_path):
         assert "errors" not in ours, ours
         assert len(ours["per_step_s"]) == 1 and ours["peak_rss_mb"][0] > 0
         assert "reference" not in r["impls"]  # no --reference given
+
+
+def test_train_speed_table_sets_rows_only_ours_runs_beside_the_reference_recipe_row():
+    """A row only ours runs (LoRA with --pre_encode) is compared with the reference's figures of its recipe's row
+    (LoRA), as a ratio of medians, and says which row it borrowed; the recipe row keeps its paired ratios."""
+    bench = load_script("train_speed")
+
+    def row(name, ours, reference=None):
+        impls = {"ours": {"per_step_s": [ours[0]], "peak_rss_mb": [ours[1] * 1024]}}
+        if reference:
+            impls["reference"] = {"per_step_s": [reference[0]], "peak_rss_mb": [reference[1] * 1024]}
+        return {"model": "256", "row": name, "steps": 5, "alternations": 1, "impls": impls}
+
+    md = bench.table([row("lora", (8.0, 5.0), (10.0, 5.0)), row("lora-pre-encode", (4.0, 4.0))])
+    lora, pre = [line.split("|")[1:-1] for line in md.splitlines() if line.startswith("| amused-256 |")]
+    assert [c.strip() for c in lora[4:10]] == ["8.00", "10.00", "0.80 (0.8)", "5.00", "5.00", "1.00 (0.7)"]
+    assert [c.strip() for c in pre[4:10]] == [
+        "4.00",
+        "10.00 (lora row)",
+        "0.40 (0.8)",
+        "4.00",
+        "5.00 (lora row)",
+        "0.80 (0.7)",
+    ]
