@@ -52,6 +52,11 @@ ROWS = {
     "lora-gradient-checkpointing": (["--learning_rate", "8e-4", "--use_lora", "--gradient_checkpointing"], False),
     "lora-pre-encode": (["--learning_rate", "8e-4", "--use_lora", "--pre_encode"], False),
     "full-8bit-pre-encode": (["--learning_rate", "2e-5", "--use_8bit_adam", "--pre_encode"], False),
+    "full-pre-encode": (["--learning_rate", "1e-4", "--pre_encode"], False),
+    "lora-gradient-checkpointing-pre-encode": (
+        ["--learning_rate", "8e-4", "--use_lora", "--gradient_checkpointing", "--pre_encode"],
+        False,
+    ),
 }
 # a row only ours runs -> the recipe row whose reference figures it is set beside (the same recipe, plus a flag the
 # reference does not have). Not paired within an alternation: the ratio of the two rows' medians.
@@ -59,6 +64,8 @@ RECIPE_OF = {
     "lora-gradient-checkpointing": "lora",
     "lora-pre-encode": "lora",
     "full-8bit-pre-encode": "full-8bit",
+    "full-pre-encode": "full",
+    "lora-gradient-checkpointing-pre-encode": "lora",
 }
 PROMPTS = ["a pixel art character", "a red cube on a table", "a blue ball in the grass", "a yellow sun over the sea"]
 TIME_GOAL = 0.8  # ours / reference, per step
