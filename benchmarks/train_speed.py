@@ -3,18 +3,23 @@
 published-layout folder, same images. A benchmark, not a test.
 
 Each run is a fresh process running one implementation with the recipe's flags for N optimizer steps. The per-step
-time is (wall time of an N-step run - wall time of a 1-step run) / (N - 1): loading, the first step's allocations
-and the final save cancel. Runs alternate (ours N, reference N, ours 1, reference 1, then again) so that a machine
-whose speed drifts slows both alike; the table gives the median over the alternations and the spread (min-max).
+time is (wall time of an N-step run - wall time of a short run) / (N - short), the short run taking one step per
+image (batch 1: it reads every image once): loading, the first step's allocations, ours' pre-encoding of the data
+and the final save cancel. Runs alternate (ours N, reference N, ours short, reference short, then again) so that a
+machine whose speed drifts slows both alike; the table gives the median over the alternations and the spread
+(min-max).
 Peak memory: the resident-set peak of the whole process (its ru_maxrss, read with os.wait4) of the N-step runs and,
 on CUDA, torch.cuda.max_memory_allocated at the process's exit. The models have random weights (only the shapes
-matter): a published-layout folder per model is written once under --work_dir by our exporter, beside four images
-whose file names are the prompts (what --instance_data_dir reads, in both scripts).
+matter): a published-layout folder per model is written once under --work_dir by our exporter, beside --images
+square images at the resolution whose file names are the prompts (what --instance_data_dir reads, in both scripts).
+One image by default: the short run then takes one step (with 4, as the issue first measured, it takes 4).
 
 Rows: the published recipes at batch 1, accumulation 1 (full fine-tune, full + 8-bit AdamW, LoRA; their learning
-rates; without gradient checkpointing, which the reference's script crashes on), then what only ours runs: LoRA with
---gradient_checkpointing and with --pre_encode (VQ tokens and text embeddings computed once, the VQ-GAN and text
-encoder freed before training).
+rates; without gradient checkpointing, which the reference's script crashes on), run with the reference's flags by
+both. With those flags ours pre-encodes by itself (VQ tokens and text embeddings computed once, the VQ-GAN and text
+encoder freed before training), since the images have a single crop and every run reads them all; see
+train.loop.choose_pre_encode. Then what only ours runs: LoRA with --gradient_checkpointing, and the recipes with
+--no_pre_encode, the reference's step op for op (the frozen encoders run in every step).
 
     python benchmarks/train_speed.py --reference PATH/train_amused.py             # CPU: amused-256 and -512, all rows
     python benchmarks/train_speed.py --reference PATH --models 256 --rows lora --steps 5 --alternations 3
@@ -45,29 +50,30 @@ sys.path.insert(0, str(HERE))  # random_models (the repository itself goes on th
 import random_models  # noqa: E402  (this folder, put on the path above)
 
 # name -> (flags, the reference runs it too). The learning rates of the published recipes (they change no cost).
+FULL, FULL_8BIT, LORA = (
+    ["--learning_rate", "1e-4"],
+    ["--learning_rate", "2e-5", "--use_8bit_adam"],
+    ["--learning_rate", "8e-4", "--use_lora"],
+)
 ROWS = {
-    "full": (["--learning_rate", "1e-4"], True),
-    "full-8bit": (["--learning_rate", "2e-5", "--use_8bit_adam"], True),
-    "lora": (["--learning_rate", "8e-4", "--use_lora"], True),
-    "lora-gradient-checkpointing": (["--learning_rate", "8e-4", "--use_lora", "--gradient_checkpointing"], False),
-    "lora-pre-encode": (["--learning_rate", "8e-4", "--use_lora", "--pre_encode"], False),
-    "full-8bit-pre-encode": (["--learning_rate", "2e-5", "--use_8bit_adam", "--pre_encode"], False),
-    "full-pre-encode": (["--learning_rate", "1e-4", "--pre_encode"], False),
-    "lora-gradient-checkpointing-pre-encode": (
-        ["--learning_rate", "8e-4", "--use_lora", "--gradient_checkpointing", "--pre_encode"],
-        False,
-    ),
+    "full": (FULL, True),
+    "full-8bit": (FULL_8BIT, True),
+    "lora": (LORA, True),
+    "lora-gradient-checkpointing": ([*LORA, "--gradient_checkpointing"], False),
+    "full-no-pre-encode": ([*FULL, "--no_pre_encode"], False),
+    "full-8bit-no-pre-encode": ([*FULL_8BIT, "--no_pre_encode"], False),
+    "lora-no-pre-encode": ([*LORA, "--no_pre_encode"], False),
 }
 # a row only ours runs -> the recipe row whose reference figures it is set beside (the same recipe, plus a flag the
 # reference does not have). Not paired within an alternation: the ratio of the two rows' medians.
 RECIPE_OF = {
     "lora-gradient-checkpointing": "lora",
-    "lora-pre-encode": "lora",
-    "full-8bit-pre-encode": "full-8bit",
-    "full-pre-encode": "full",
-    "lora-gradient-checkpointing-pre-encode": "lora",
+    "full-no-pre-encode": "full",
+    "full-8bit-no-pre-encode": "full-8bit",
+    "lora-no-pre-encode": "lora",
 }
 PROMPTS = ["a pixel art character", "a red cube on a table", "a blue ball in the grass", "a yellow sun over the sea"]
+PROMPTS += [f"image {i}" for i in range(len(PROMPTS), 64)]
 TIME_GOAL = 0.8  # ours / reference, per step
 MEMORY_GOAL = {"full": 0.8, "full-8bit": 0.7, "lora": 0.7}  # ours / reference, peak (of the recipe: RECIPE_OF)
 
@@ -100,8 +106,9 @@ def run_child(args) -> None:
 # --- the parent -------------------------------------------------------------------------------------------------------
 
 
-def prepare(model: str, work: Path, tiny: bool) -> tuple[Path, Path, int]:
-    """(published-layout folder, image folder, resolution) for the model, written once under `work`."""
+def prepare(model: str, work: Path, tiny: bool, n_images: int = 1) -> tuple[Path, Path, int]:
+    """(published-layout folder, image folder, resolution) for the model, written once under `work`: `n_images`
+    random square images at the resolution (a single crop each), named by the first prompts."""
     import numpy as np
     from PIL import Image
 
@@ -110,12 +117,12 @@ def prepare(model: str, work: Path, tiny: bool) -> tuple[Path, Path, int]:
         model, work / f"published-amused-{model}{suffix}", published=True, tiny=tiny
     )
     res = random_models.image_resolution(model, tiny)
-    images = work / f"images-{res}"
+    images = work / f"images-{res}-{n_images}"
     if not images.is_dir():
         tmp = images.with_name(images.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(0)
-        for p in PROMPTS:
+        for p in PROMPTS[:n_images]:
             Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(tmp / f"{p}.png")
         tmp.rename(images)
     return folder, images, res
@@ -196,11 +203,12 @@ def _wait4(proc: subprocess.Popen, timeout: float):
 
 
 def measure_row(model: str, row: str, impls: dict[str, tuple[str, Path]], args, work: Path) -> dict:
-    """Alternating runs of every implementation at N and at 1 step; per-step times and peaks per alternation."""
-    folder, images, res = prepare(model, work, args.tiny)
+    """Alternating runs of every implementation at N steps and at one step per image; per-step times and peaks per
+    alternation."""
+    folder, images, res = prepare(model, work, args.tiny, args.images)
     runs = {name: {"long": [], "short": []} for name in impls}
     for alternation in range(args.alternations):
-        for length, steps in (("long", args.steps), ("short", 1)):
+        for length, steps in (("long", args.steps), ("short", args.images)):
             for name, (impl, repo) in impls.items():
                 out = work / f"out-{name}"
                 subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -211,14 +219,13 @@ def measure_row(model: str, row: str, impls: dict[str, tuple[str, Path]], args, 
                     flush=True,
                 )
                 runs[name][length].append(r)
-    return summarize(
-        {"model": model, "row": row, "steps": args.steps, "impls": {n: {"runs": r} for n, r in runs.items()}}
-    )
+    result = {"model": model, "row": row, "steps": args.steps, "images": args.images, "impls": {}}
+    return summarize({**result, "impls": {n: {"runs": r} for n, r in runs.items()}})
 
 
 def summarize(result: dict) -> dict:
-    """Per implementation, from its runs: the per-step time and the peaks of each alternation (N-step, 1-step pair)."""
-    steps = result["steps"]
+    """Per implementation, from its runs: the per-step time and the peaks of each alternation (N-step, short pair)."""
+    steps, short = result["steps"], images_of(result)
     for entry in result["impls"].values():
         r = entry["runs"]
         for key in ("per_step_s", "peak_rss_mb", "cuda_max_allocated_mb", "errors"):
@@ -226,7 +233,7 @@ def summarize(result: dict) -> dict:
         pairs = [(lo, sh) for lo, sh in zip(r["long"], r["short"]) if "error" not in lo and "error" not in sh]
         errors = [x["error"] for x in r["long"] + r["short"] if "error" in x]
         if pairs:
-            entry["per_step_s"] = [(lo["seconds"] - sh["seconds"]) / (steps - 1) for lo, sh in pairs]
+            entry["per_step_s"] = [(lo["seconds"] - sh["seconds"]) / (steps - short) for lo, sh in pairs]
             entry["peak_rss_mb"] = [lo["peak_rss_mb"] for lo, _ in pairs]
             cuda = [lo["cuda_max_allocated_mb"] for lo, _ in pairs if "cuda_max_allocated_mb" in lo]
             if cuda:
@@ -237,13 +244,22 @@ def summarize(result: dict) -> dict:
     return result
 
 
+def images_of(result: dict) -> int:
+    """The images of a row's data: its short runs take that many steps."""
+    return result.get("images", 1)
+
+
+def key_of(result: dict) -> tuple:
+    return result["model"], result["row"], result["steps"], images_of(result)
+
+
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
-    """Earlier results with this invocation's: a row measured again (same model, row and N) gets this invocation's
-    alternations added to its earlier ones, for every implementation both measured; other rows (another N is
-    another row) are kept or added."""
-    merged = {(r["model"], r["row"], r["steps"]): r for r in old}
+    """Earlier results with this invocation's: a row measured again (same model, row, N and images) gets this
+    invocation's alternations added to its earlier ones, for every implementation both measured; other rows
+    (another N is another row) are kept or added."""
+    merged = {key_of(r): r for r in old if r["row"] in ROWS}
     for r in new:
-        key = (r["model"], r["row"], r["steps"])
+        key = key_of(r)
         prev = merged.get(key)
         if prev is not None:
             for name, entry in r["impls"].items():
@@ -255,7 +271,7 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
             merged[key] = summarize(prev)
         else:
             merged[key] = r
-    return sorted(merged.values(), key=lambda r: (r["model"], list(ROWS).index(r["row"]), r["steps"]))
+    return sorted(merged.values(), key=lambda r: (r["model"], list(ROWS).index(r["row"]), r["steps"], images_of(r)))
 
 
 # --- the table ------------------------------------------------------------------------------------------------------
@@ -281,6 +297,7 @@ def table(results: list[dict]) -> str:
         "model",
         "row",
         "N",
+        "images",
         "alternations",
         "ours s/step",
         "reference s/step",
@@ -295,14 +312,15 @@ def table(results: list[dict]) -> str:
     if baseline:
         head += ["baseline s/step", "ours / baseline", "baseline peak RSS GiB", "ours / baseline"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    by_key = {(r["model"], r["row"], r["steps"]): r for r in results}
+    by_key = {key_of(r): r for r in results}
     for r in results:
         ours, ref = r["impls"].get("ours", {}), r["impls"].get("reference", {})
         recipe = RECIPE_OF.get(r["row"], r["row"])
         borrowed = not ref and recipe != r["row"]  # the reference's figures of the recipe's own row, if measured
         if borrowed:
-            ref = by_key.get((r["model"], recipe, r["steps"]), {"impls": {}})["impls"].get("reference", {})
-        cells = [f"amused-{r['model']}", r["row"], str(r["steps"]), str(r["alternations"])]
+            recipe_key = (r["model"], recipe, r["steps"], images_of(r))
+            ref = by_key.get(recipe_key, {"impls": {}})["impls"].get("reference", {})
+        cells = [f"amused-{r['model']}", r["row"], str(r["steps"]), str(images_of(r)), str(r["alternations"])]
         for key, fmt, scale, goal in (
             ("per_step_s", ".2f", 1, TIME_GOAL),
             ("peak_rss_mb", ".2f", 1024, MEMORY_GOAL.get(recipe)),
@@ -366,7 +384,8 @@ def write_results(results: list[dict], args, out_dir: Path, add: bool) -> tuple[
         "",
         f"{machine['cores']} cores ({machine['cpu']}), torch {machine['torch']}, {machine['date']}. Random weights, "
         f"published-layout folders, batch 1, accumulation 1, {'fp16' if args.device.startswith('cuda') else 'fp32'}; "
-        "per-step time = (the N-step run - the 1-step run) / (N - 1), whole-process wall time; peak RSS of the "
+        "per-step time = (the N-step run - the short run, one step per image) / (N - images), whole-process wall "
+        "time; peak RSS of the "
         "whole N-step process. Median over the alternations (min-max); the ratios are the medians of the "
         "per-alternation ratios (min-max).",
         "",
@@ -425,7 +444,7 @@ def profile_child(args) -> None:
 
 def profile_rows(args, work: Path, out_dir: Path) -> None:
     for model in args.models:
-        folder, images, res = prepare(model, work, args.tiny)
+        folder, images, res = prepare(model, work, args.tiny, args.images)
         for row in args.rows:
             target = (
                 out_dir / f"train_profile_{'cpu' if not args.device.startswith('cuda') else 'cuda'}_{model}_{row}.txt"
@@ -557,10 +576,16 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--steps", type=int, default=None, help="N of the long runs (default 5; 3 with --tiny)")
     p.add_argument(
+        "--images",
+        type=int,
+        default=1,
+        help="square images in the data (the short runs take one step per image, so that they read them all)",
+    )
+    p.add_argument(
         "--alternations",
         type=int,
         default=None,
-        help="(N-step, 1-step) pairs per implementation (default 2; 1 with --tiny)",
+        help="(N-step, short) pairs per implementation (default 2; 1 with --tiny)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--tiny", action="store_true", help="tiny models in a temporary folder: a smoke test of this script")
@@ -599,8 +624,10 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         return None
     args.steps = args.steps or (3 if args.tiny else 5)
     args.alternations = args.alternations or (1 if args.tiny else 2)
-    if args.steps < 2:
-        p.error("--steps must be at least 2 (the per-step time is the difference to a 1-step run)")
+    if not 1 <= args.images <= len(PROMPTS):
+        p.error(f"--images must be between 1 and {len(PROMPTS)}")
+    if args.steps <= args.images:
+        p.error(f"--steps must exceed --images (the short run takes {args.images} step(s))")
     impls = {"ours": ("ours", REPO)}
     if args.baseline:
         impls["baseline"] = ("ours", Path(args.baseline).resolve())

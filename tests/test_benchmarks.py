@@ -42,7 +42,7 @@ def test_train_speed_benchmark_writes_its_table(tmp_path):
     """The training-speed benchmark on a tiny published-layout model, ours only: the markdown and JSON are written
     with one row per measured recipe, each with a per-step time and a peak RSS (no timing is asserted)."""
     bench = load_script("train_speed")
-    rows = ["full", "lora-pre-encode"]
+    rows = ["full", "lora-no-pre-encode"]
     bench.main(["--tiny", "--models", "256", "--rows", *rows, "--steps", "2", "--out", str(tmp_path)])
     md = (tmp_path / "train_speed_cpu_tiny.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| amused-256 |")]
@@ -57,7 +57,7 @@ def test_train_speed_benchmark_writes_its_table(tmp_path):
 
 
 def test_train_speed_table_sets_rows_only_ours_runs_beside_the_reference_recipe_row():
-    """A row only ours runs (LoRA with --pre_encode) is compared with the reference's figures of its recipe's row
+    """A row only ours runs (LoRA with --no_pre_encode) is compared with the reference's figures of its recipe's row
     (LoRA), as a ratio of medians, and says which row it borrowed; the recipe row keeps its paired ratios."""
     bench = load_script("train_speed")
 
@@ -67,10 +67,10 @@ def test_train_speed_table_sets_rows_only_ours_runs_beside_the_reference_recipe_
             impls["reference"] = {"per_step_s": [reference[0]], "peak_rss_mb": [reference[1] * 1024]}
         return {"model": "256", "row": name, "steps": 5, "alternations": 1, "impls": impls}
 
-    md = bench.table([row("lora", (8.0, 5.0), (10.0, 5.0)), row("lora-pre-encode", (4.0, 4.0))])
+    md = bench.table([row("lora", (8.0, 5.0), (10.0, 5.0)), row("lora-no-pre-encode", (4.0, 4.0))])
     lora, pre = [line.split("|")[1:-1] for line in md.splitlines() if line.startswith("| amused-256 |")]
-    assert [c.strip() for c in lora[4:10]] == ["8.00", "10.00", "0.80 (0.8)", "5.00", "5.00", "1.00 (0.7)"]
-    assert [c.strip() for c in pre[4:10]] == [
+    assert [c.strip() for c in lora[5:11]] == ["8.00", "10.00", "0.80 (0.8)", "5.00", "5.00", "1.00 (0.7)"]
+    assert [c.strip() for c in pre[5:11]] == [
         "4.00",
         "10.00 (lora row)",
         "0.40 (0.8)",

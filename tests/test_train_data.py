@@ -20,6 +20,9 @@ from train.data import (
     SingleImageSource,
     build_source,
     collate,
+    has_one_crop,
+    image_size,
+    open_image,
     pre_encode,
     resize_and_crop,
     sample_generator,
@@ -42,6 +45,32 @@ def folder(tmp_path):
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # a PNG header and nothing else
     (d / "notes.txt").write_text("not an image")
     return d
+
+
+@pytest.mark.parametrize("w, h", [(32, 32), (64, 64), (24, 24), (32, 33), (40, 64), (48, 32), (1000, 999)])
+def test_single_crop_is_predicted_from_the_header_as_resize_and_crop_draws_it(tmp_path, w, h):
+    """`image_size` reads (width, height) without decoding, from every input `open_image` takes; `has_one_crop`
+    says True exactly when 20 differently seeded crops of the image are all the same pixels."""
+    path = write_image(tmp_path / "x.png", w, h)
+    data = path.read_bytes()
+    for source in (path, str(path), data, {"bytes": data, "path": None}, {"bytes": None, "path": str(path)}):
+        assert image_size(source) == (w, h)
+    image = open_image(path)
+    assert image_size(image) == (w, h)
+    crops = [resize_and_crop(image, 32, torch.Generator().manual_seed(s)) for s in range(20)]
+    same = all(torch.equal(c[0], crops[0][0]) and torch.equal(c[1], crops[0][1]) for c in crops)
+    assert has_one_crop(w, h, 32) == same
+
+
+def test_source_sizes_come_from_headers(folder):
+    source = ImageFolderSource(folder)
+    sizes = {
+        source.name(i).rsplit("/", 1)[-1]: source.size(i) for i in range(len(source)) if "broken" not in source.name(i)
+    }
+    assert sizes == {"a red cube.png": (40, 64), "a blue ball.jpg": (48, 32), "green grass.png": (32, 32)}
+    broken = next(i for i in range(len(source)) if "broken" in source.name(i))
+    with pytest.raises(OSError):  # PIL's UnidentifiedImageError
+        source.size(broken)
 
 
 def test_preprocessing_is_the_reference_resize_crop_and_micro_conditions():

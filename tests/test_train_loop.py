@@ -396,6 +396,63 @@ def test_training_from_a_pre_encoded_cache_frees_the_encoders(tmp_path, tokenize
     assert comps.vqvae is not None and (tmp_path / "v/out/validation/step-1/00.png").is_file()
 
 
+def make_square_images(folder: Path, size: int = 32, prompts=PROMPTS) -> Path:
+    """Images that already have the training resolution: one crop each, so every read gives the same tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for p in prompts:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{p}.png")
+    return folder
+
+
+def test_automatic_pre_encoding_is_on_only_where_it_changes_nothing(tmp_path):
+    """No flag: pre-encode when the text encoder is frozen, every image has a single crop at the resolution and the
+    run reads every example at least once. Each refusal names its reason; an explicit flag always wins."""
+    from train.data import build_source
+    from train.loop import choose_pre_encode
+
+    square = make_square_images(tmp_path / "square")
+
+    def choose(images, world=1, **overrides):
+        cfg = config(tmp_path, images, **overrides)
+        return choose_pre_encode(cfg, build_source(cfg), world)
+
+    on, why = choose(square, max_train_steps=1)  # 1 step of batch 4 reads all 4 images
+    assert on and "automatic" in why
+    assert choose(square, max_train_steps=2, resolution=24)[0]  # 32x32 -> 24x24 is a resize, still one crop
+    off, why = choose(square, max_train_steps=1, train_batch_size=1, gradient_accumulation_steps=2)
+    assert not off and "reads 2 examples of 4" in why
+    assert choose(square, world=2, max_train_steps=1, train_batch_size=2)[0]  # 2 processes x 2 = 4 reads
+    off, why = choose(square, max_train_steps=5, train_text_encoder=True)
+    assert not off and "text encoder trains" in why
+    assert choose(square, pre_encode=False)[0] is False
+    assert choose(make_images(tmp_path / "mixed"), pre_encode=True)[0] is True
+    off, why = choose(make_images(tmp_path / "mixed"), max_train_steps=5)  # 32x40 and 48x32: random crops
+    assert not off and "a blue ball.png (32x40) has more than one crop at 32" in why
+    broken = make_square_images(tmp_path / "broken")
+    (broken / "zz.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    off, why = choose(broken, max_train_steps=5)
+    assert not off and "zz.png cannot be read" in why
+
+
+@pytest.mark.slow
+def test_automatic_pre_encoding_trains_as_encoding_in_every_step(tmp_path, tokenizer):
+    """Square images at the resolution and no flag: the run pre-encodes (the encoders are freed) and its losses are
+    those of --no_pre_encode. On one thread they agree bit for bit; the tolerance (1e-5 relative, fp32) allows for
+    the one difference in what is computed: the cache encodes the prompts and images in dataset order, the step in
+    the shuffled batch, and a BLAS may round a batched matmul differently per batch composition."""
+    images = make_square_images(tmp_path / "img")
+    auto = tiny_components(tokenizer)
+    run = dict(max_train_steps=6, cond_dropout_prob=0.3)
+    pre = train(config(tmp_path / "a", images, **run), auto)
+    assert auto.vqvae is None and auto.text_encoder is None  # it did pre-encode
+    assert (tmp_path / "a/out/pre_encoded/pre_encoded.safetensors").is_file()
+    every = train(config(tmp_path / "b", images, pre_encode=False, **run), tiny_components(tokenizer))
+    assert not (tmp_path / "b/out/pre_encoded").exists()
+    assert len(pre.losses) == len(every.losses) == 6
+    np.testing.assert_allclose(pre.losses, every.losses, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("pre_encode", [True, False])
 def test_a_model_folder_is_loaded_so_that_the_networks_never_peak_together(
     tmp_path, tokenizer, monkeypatch, pre_encode

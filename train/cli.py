@@ -59,8 +59,19 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--pre_encode",
-        action="store_true",
-        help="(ours) encode the data once to VQ tokens and text embeddings; the VQ-GAN and text encoder are then freed",
+        action="store_const",
+        const=True,
+        default=None,
+        help="(ours) encode the data once to VQ tokens and text embeddings; the VQ-GAN and text encoder are then freed. "
+        "Automatic by default: on when it changes nothing the step computes (every image has a single crop at "
+        "--resolution, the text encoder is frozen, the run reads every example at least once)",
+    )
+    g.add_argument(
+        "--no_pre_encode",
+        dest="pre_encode",
+        action="store_const",
+        const=False,
+        help="(ours) never pre-encode: the frozen encoders run in every step, as in the reference's script",
     )
     g.add_argument(
         "--pre_encoded_dir",

@@ -50,7 +50,9 @@ class TrainConfig:
     resolution: int = 512
     dataloader_num_workers: int = 0
     split_vae_encode: int | None = None  # VQ-encode the batch in chunks of this many images
-    pre_encode: bool = False  # ours: encode the data once to VQ tokens + text embeddings, then train from the cache
+    # ours: encode the data once to VQ tokens + text embeddings, then train from the cache with the encoders freed.
+    # None (automatic): when that changes nothing the step computes (see train.loop.choose_pre_encode)
+    pre_encode: bool | None = None
     pre_encoded_dir: str | None = None  # ours: where the cache lives (default <output_dir>/pre_encoded)
     # --- batch, steps, output ---
     train_batch_size: int = 16  # per process
@@ -129,7 +131,7 @@ class TrainConfig:
         problems += self._number_problems()
         if self.text_encoder_use_lora and not self.train_text_encoder:
             problems.append("--text_encoder_use_lora needs --train_text_encoder")
-        if self.pre_encode and self.train_text_encoder:
+        if self.pre_encode is True and self.train_text_encoder:
             problems.append(
                 "--pre_encode stores fixed text embeddings; it cannot be combined with --train_text_encoder"
             )

@@ -45,6 +45,21 @@ AESTHETIC_SCORE = 6.0  # the fifth micro-condition, fixed by the reference at tr
 # --- preprocessing ---------------------------------------------------------------------------------------------------
 
 
+def image_size(source) -> tuple[int, int]:
+    """(width, height) of what `open_image` reads, from the file's header (nothing decoded). EXIF orientation may
+    swap the two; `has_one_crop` does not depend on the order."""
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, Image.Image):
+        return source.size
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    elif not isinstance(source, (str, Path)):
+        raise TypeError(f"cannot read an image from {type(source).__name__}")
+    with Image.open(source) as image:
+        return image.size
+
+
 def open_image(source) -> Image.Image:
     """A path, bytes, a {'bytes', 'path'} dict (datasets' undecoded image) or a PIL image -> a fully decoded RGB image,
     EXIF orientation applied. Raises on anything unreadable."""
@@ -67,10 +82,7 @@ def resize_and_crop(image: Image.Image, size: int, generator: torch.Generator) -
     """RGB image -> (pixels (3, size, size) float in [0, 1], micro_conds (5,) float32).
     The shorter side becomes `size` (bilinear), the longer keeps the aspect (truncated), then a uniform random crop."""
     orig_w, orig_h = image.size
-    if orig_w <= orig_h:
-        new_w, new_h = size, int(size * orig_h / orig_w)
-    else:
-        new_w, new_h = int(size * orig_w / orig_h), size
+    new_w, new_h = resized_size(orig_w, orig_h, size)
     if (new_w, new_h) != (orig_w, orig_h):
         image = image.resize((new_w, new_h), Image.BILINEAR)
     top = int(torch.randint(0, new_h - size + 1, (1,), generator=generator))
@@ -79,6 +91,18 @@ def resize_and_crop(image: Image.Image, size: int, generator: torch.Generator) -
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     micro = torch.tensor([orig_w, orig_h, top, left, AESTHETIC_SCORE], dtype=torch.float32)
     return pixels, micro
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The (width, height) an image is resized to before its crop: the shorter side `size`, the aspect kept."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def has_one_crop(width: int, height: int, size: int) -> bool:
+    """True when an image of this size has a single `size` crop: every read of it gives the same pixels."""
+    return resized_size(width, height, size) == (size, size)
 
 
 def sample_generator(seed: int, position: int) -> torch.Generator:
@@ -101,6 +125,10 @@ class Source:
 
     def image(self, index: int) -> Image.Image:
         raise NotImplementedError
+
+    def size(self, index: int) -> tuple[int, int]:
+        """(width, height) of the image, read as cheaply as the source allows."""
+        return self.image(index).size
 
     def name(self, index: int) -> str:
         """How to refer to an example in a log line (a path, or source:index)."""
@@ -196,6 +224,9 @@ class ImageFolderSource(Source):
     def image(self, index: int) -> Image.Image:
         return open_image(self.paths[index])
 
+    def size(self, index: int) -> tuple[int, int]:
+        return image_size(self.paths[index])
+
     def name(self, index: int) -> str:
         return str(self.paths[index])
 
@@ -287,6 +318,9 @@ class SingleImageSource(Source):
     def image(self, index: int) -> Image.Image:
         return open_image(self.path)
 
+    def size(self, index: int) -> tuple[int, int]:
+        return image_size(self.path)
+
     def name(self, index: int) -> str:
         return str(self.path)
 
@@ -337,6 +371,9 @@ class HFDatasetSource(Source):
 
     def image(self, index: int) -> Image.Image:
         return open_image(self.ds[index][self.image_key])
+
+    def size(self, index: int) -> tuple[int, int]:
+        return image_size(self.ds[index][self.image_key])
 
     def name(self, index: int) -> str:
         return f"{self.label}[{index}]"

@@ -53,6 +53,7 @@ from .data import (
     check_readable,
     collate,
     fingerprint,
+    has_one_crop,
     pre_encode,
     pre_encoded_matches,
 )
@@ -99,6 +100,8 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    use_cache, why = choose_pre_encode(cfg, source, dist.world)
+    log.info("%s: %s", "pre-encoding the data" if use_cache else "encoding in every step", why)
     resume = checkpoint.resolve(out, cfg.resume_from_checkpoint)  # a checkpoint folder, or None (a fresh start)
     # One seed for the run. The masks, conditioning dropout and data order are drawn for the global batch from
     # streams every process shares; torch's global RNG (LoRA dropout) differs per process, as data parallel wants.
@@ -112,7 +115,7 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     # needs them) before the U-ViT is loaded, so the three networks are never in memory at once.
     loaded_here = components is None
     if loaded_here:
-        components = load_networks(cfg, ENCODERS if cfg.pre_encode else Components.MODULES)
+        components = load_networks(cfg, ENCODERS if use_cache else Components.MODULES)
     text_encoder = prepare_text_encoder(cfg, components.text_encoder, device)
     tokenizer = components.tokenizer
     vqvae = components.vqvae.requires_grad_(False).eval().to(device)  # the VQ-GAN stays fp32, as the reference
@@ -127,7 +130,7 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     # --- data --------------------------------------------------------------------------------------------------------
     dataset = ImageDataset(source, cfg.resolution, seed)
     log.info("data: %s", source.describe())
-    if cfg.pre_encode:
+    if use_cache:
         cache = Path(cfg.pre_encoded_dir or out / "pre_encoded")
         fp = fingerprint([source.describe(), cfg.resolution, components.source, seed, cfg.mixed_precision])
         if dist.main and not pre_encoded_matches(cache, fp):  # each network in its own dtype; the VQ-GAN in fp32
@@ -331,6 +334,31 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
 
 
 # --- models --------------------------------------------------------------------------------------------------------------
+
+
+def choose_pre_encode(cfg: TrainConfig, source, world: int) -> tuple[bool, str]:
+    """Whether to pre-encode, and why. `--pre_encode` / `--no_pre_encode` decide; by default (None) it is on when it
+    changes nothing the step computes and saves work: the text encoder is frozen, every image has a single crop at
+    the resolution (so each read gives the same VQ tokens; a random crop needs the VQ-GAN in the step), and the run
+    reads every example at least once (otherwise encoding them all first costs more than it saves)."""
+    if cfg.pre_encode is not None:
+        return cfg.pre_encode, "--pre_encode" if cfg.pre_encode else "--no_pre_encode"
+    if cfg.train_text_encoder:
+        return False, "the text encoder trains"
+    reads = cfg.max_train_steps * cfg.train_batch_size * cfg.gradient_accumulation_steps * world
+    if reads < len(source):
+        return False, f"the run reads {reads} examples of {len(source)}: encoding all of them first would cost more"
+    for i in range(len(source)):
+        try:
+            width, height = source.size(i)
+        except Exception as e:  # unreadable: the step replaces it by the next image, which a cache cannot mirror
+            return False, f"{source.name(i)} cannot be read ({type(e).__name__}: {e})"
+        if not has_one_crop(width, height, cfg.resolution):
+            return False, f"{source.name(i)} ({width}x{height}) has more than one crop at {cfg.resolution}"
+    return True, (
+        f"automatic (every image has a single crop at {cfg.resolution}, the run reads {reads} examples of "
+        f"{len(source)}; --no_pre_encode turns it off)"
+    )
 
 
 def load_networks(cfg: TrainConfig, networks: tuple[str, ...]):
