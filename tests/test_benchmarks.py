@@ -78,3 +78,17 @@ def test_train_speed_table_sets_rows_only_ours_runs_beside_the_reference_recipe_
         "5.00 (lora row)",
         "0.80 (0.7)",
     ]
+
+
+def test_train_speed_per_step_time_subtracts_a_short_run_of_one_step_per_image():
+    """With 4 images the short run takes 4 steps: per step = (long - short) / (N - 4), pair by pair."""
+    bench = load_script("train_speed")
+    runs = {"long": [{"seconds": 100.0, "peak_rss_mb": 10.0}], "short": [{"seconds": 60.0, "peak_rss_mb": 9.0}]}
+    result = bench.summarize(
+        {"model": "256", "row": "lora", "steps": 8, "images": 4, "impls": {"ours": {"runs": runs}}}
+    )
+    assert result["impls"]["ours"]["per_step_s"] == [10.0] and result["impls"]["ours"]["peak_rss_mb"] == [10.0]
+    one = bench.summarize({"model": "256", "row": "lora", "steps": 5, "images": 1, "impls": {"ours": {"runs": runs}}})
+    assert one["impls"]["ours"]["per_step_s"] == [10.0]
+    with pytest.raises(SystemExit):  # the short run must be shorter than the long one
+        bench.main(["--tiny", "--images", "3", "--steps", "3"])
