@@ -219,8 +219,8 @@ def measure_row(model: str, row: str, impls: dict[str, tuple[str, Path]], args, 
                     flush=True,
                 )
                 runs[name][length].append(r)
-    result = {"model": model, "row": row, "steps": args.steps, "images": args.images, "impls": {}}
-    return summarize({**result, "impls": {n: {"runs": r} for n, r in runs.items()}})
+    entries = {n: {"runs": r} for n, r in runs.items()}
+    return summarize({"model": model, "row": row, "steps": args.steps, "images": args.images, "impls": entries})
 
 
 def summarize(result: dict) -> dict:

@@ -45,34 +45,34 @@ AESTHETIC_SCORE = 6.0  # the fifth micro-condition, fixed by the reference at tr
 # --- preprocessing ---------------------------------------------------------------------------------------------------
 
 
+def _header_read(source) -> Image.Image:
+    """A path, bytes, a {'bytes', 'path'} dict (datasets' undecoded image) or a PIL image -> a PIL image whose header
+    alone is read (a PIL image is returned as it is)."""
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, (bytes, bytearray)):
+        return Image.open(io.BytesIO(source))
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, Path)):
+        return Image.open(source)
+    raise TypeError(f"cannot read an image from {type(source).__name__}")
+
+
 def image_size(source) -> tuple[int, int]:
     """(width, height) of what `open_image` reads, from the file's header (nothing decoded). EXIF orientation may
     swap the two; `has_one_crop` does not depend on the order."""
-    if isinstance(source, dict):
-        source = source.get("bytes") or source.get("path")
-    if isinstance(source, Image.Image):
-        return source.size
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
-    elif not isinstance(source, (str, Path)):
-        raise TypeError(f"cannot read an image from {type(source).__name__}")
-    with Image.open(source) as image:
-        return image.size
+    image = _header_read(source)
+    size = image.size
+    if image is not source:
+        image.close()
+    return size
 
 
 def open_image(source) -> Image.Image:
-    """A path, bytes, a {'bytes', 'path'} dict (datasets' undecoded image) or a PIL image -> a fully decoded RGB image,
-    EXIF orientation applied. Raises on anything unreadable."""
-    if isinstance(source, dict):
-        source = source.get("bytes") or source.get("path")
-    if isinstance(source, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(source))
-    elif isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (str, Path)):
-        image = Image.open(source)
-    else:
-        raise TypeError(f"cannot read an image from {type(source).__name__}")
+    """What `_header_read` takes -> a fully decoded RGB image, EXIF orientation applied. Raises on anything
+    unreadable."""
+    image = _header_read(source)
     image.load()
     image = ImageOps.exif_transpose(image)
     return image if image.mode == "RGB" else image.convert("RGB")
