@@ -459,7 +459,8 @@ def test_a_model_folder_is_loaded_so_that_the_networks_never_peak_together(
 ):
     """From a folder, with pre-encoding: the encoders are loaded, used and freed before the U-ViT is loaded.
     Without: all three at once, the VQ decoder dropped (nothing decodes without validation). Either way the run
-    is the one the same weights give when passed in memory, loss for loss."""
+    is the one the same weights give when passed in memory, loss for loss. A run that finds its cache written
+    loads only the U-ViT."""
     import weakref
 
     import convert
@@ -487,6 +488,14 @@ def test_a_model_folder_is_loaded_so_that_the_networks_never_peak_together(
         assert loads == [(Components.MODULES, [])]
     in_memory = train(config(tmp_path / "b", images, **run), tiny_components(tokenizer))
     assert from_folder.losses == in_memory.losses and len(from_folder.losses) == 3
+    if pre_encode:  # a second run on the first one's cache loads no encoder at all, and trains the same
+        loads.clear()
+        cache = str(tmp_path / "a" / "out" / "pre_encoded")
+        again = train(
+            config(tmp_path / "c", images, pretrained_model_name_or_path=str(folder), pre_encoded_dir=cache, **run)
+        )
+        assert [networks for networks, _ in loads] == [("transformer",)]
+        assert again.losses == from_folder.losses
 
 
 def test_parameter_groups_exempt_what_the_reference_exempts():

@@ -112,13 +112,26 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
 
     # --- models: the frozen encoders first, then the U-ViT --------------------------------------------------------------
     # With pre-encoding the encoders serve only to fill the cache: loaded here, they are freed (unless validation
-    # needs them) before the U-ViT is loaded, so the three networks are never in memory at once.
+    # needs them) before the U-ViT is loaded, so the three networks are never in memory at once. A cache already
+    # written from the same model, data and seed (a resumed run, a shared --pre_encoded_dir) leaves nothing for the
+    # encoders to do: a model loaded here then loads without them.
     loaded_here = components is None
-    if loaded_here:
-        components = load_networks(cfg, ENCODERS if use_cache else Components.MODULES)
-    text_encoder = prepare_text_encoder(cfg, components.text_encoder, device)
-    tokenizer = components.tokenizer
-    vqvae = components.vqvae.requires_grad_(False).eval().to(device)  # the VQ-GAN stays fp32, as the reference
+    cached = False
+    if use_cache:
+        cache = Path(cfg.pre_encoded_dir or out / "pre_encoded")
+        model_source = str(cfg.pretrained_model_name_or_path) if loaded_here else components.source
+        fp = fingerprint([source.describe(), cfg.resolution, model_source, seed, cfg.mixed_precision])
+        cached = pre_encoded_matches(cache, fp)
+    if loaded_here and cached and not cfg.validation_prompts:
+        log.info("pre-encoded data found in %s: the encoders are not loaded", cache)
+        components = Components(None, None, None, None, source=model_source)
+        vqvae = text_encoder = tokenizer = None
+    else:
+        if loaded_here:
+            components = load_networks(cfg, ENCODERS if use_cache else Components.MODULES)
+        text_encoder = prepare_text_encoder(cfg, components.text_encoder, device)
+        tokenizer = components.tokenizer
+        vqvae = components.vqvae.requires_grad_(False).eval().to(device)  # the VQ-GAN stays fp32, as the reference
 
     def encode_prompts(prompts: list[str]):
         """prompts -> (encoder_hidden_states (B, 77, D), prompt_embeds (B, Dc)), with grad when the encoder trains."""
@@ -131,9 +144,7 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     dataset = ImageDataset(source, cfg.resolution, seed)
     log.info("data: %s", source.describe())
     if use_cache:
-        cache = Path(cfg.pre_encoded_dir or out / "pre_encoded")
-        fp = fingerprint([source.describe(), cfg.resolution, components.source, seed, cfg.mixed_precision])
-        if dist.main and not pre_encoded_matches(cache, fp):  # each network in its own dtype; the VQ-GAN in fp32
+        if dist.main and not cached:  # each network in its own dtype; the VQ-GAN in fp32
             pre_encode(dataset, cache, vqvae, encode_prompts, fp, cfg.train_batch_size, store_dtype=cfg.weight_dtype)
         dist.barrier()
         dataset = PreEncodedDataset(cache)
