@@ -659,6 +659,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         work = Path(args.work_dir or (tmp if args.tiny else Path(tempfile.gettempdir()) / "muse-train-speed"))
         work.mkdir(parents=True, exist_ok=True)
         out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)  # before any run: a profile or a row is not lost at the end
         if args.profile:
             profile_rows(args, work, out_dir)
             return None

@@ -56,6 +56,16 @@ def test_train_speed_benchmark_writes_its_table(tmp_path):
         assert "reference" not in r["impls"]  # no --reference given
 
 
+@pytest.mark.slow
+def test_train_speed_profile_writes_its_table_into_a_new_folder(tmp_path):
+    """--profile on a tiny model: the profiled step's top operators are written, the output folder created."""
+    bench = load_script("train_speed")
+    out = tmp_path / "new" / "results"
+    bench.main(["--tiny", "--models", "256", "--rows", "lora", "--profile", "--profile_top", "5", "--out", str(out)])
+    text = (out / "train_profile_cpu_256_lora.txt").read_text()
+    assert "Self CPU" in text and "aten::" in text
+
+
 def test_train_speed_table_sets_rows_only_ours_runs_beside_the_reference_recipe_row():
     """A row only ours runs (LoRA with --no_pre_encode) is compared with the reference's figures of its recipe's row
     (LoRA), as a ratio of medians, and says which row it borrowed; the recipe row keeps its paired ratios."""
