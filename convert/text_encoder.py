@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .clip_tokenizer import EOS, MODEL_MAX_LENGTH, offline_clip_tokenizer
 from .mapping import value_error, value_problem
@@ -36,10 +36,6 @@ def text_encoder_from_state_dict(
     what: str = "text encoder",
 ) -> nn.Module:
     """A transformers `CLIPTextModelWithProjection` from its config dict and state dict, built on the meta device."""
-    # imported here: transformers' CLIP modelling code pulls in much of transformers and torch.distributed, which a
-    # process that never builds the text encoder (a training run on a written pre-encoded cache) need not import
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     config = {k: v for k, v in dict(config).items() if k not in ("dtype", "torch_dtype")}
     archs = config.get("architectures") or [TEXT_ENCODER_CLASS]
     if TEXT_ENCODER_CLASS not in archs:
