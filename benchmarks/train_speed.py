@@ -9,9 +9,9 @@ and the final save cancel. Runs alternate (ours N, reference N, ours short, refe
 machine whose speed drifts slows both alike; the table gives the median over the alternations and the spread
 (min-max).
 Peak memory: the resident-set peak of the N-step runs: the larger of the process's own (its ru_maxrss, read with
-os.wait4) and the peak of the RSS summed over the process and its children (ours pre-encodes in a child process),
-sampled every 50 ms; and on CUDA, torch.cuda.max_memory_allocated at the process's exit. The models have random weights (only the shapes
-matter): a published-layout folder per model is written once under --work_dir by our exporter, beside --images
+os.wait4) and the peak of the RSS summed over the process and any children (data-loader workers, say), sampled
+every 50 ms; and on CUDA, torch.cuda.max_memory_allocated at the process's exit. The models have random weights
+(only the shapes matter): a published-layout folder per model is written once under --work_dir by our exporter, beside --images
 square images at the resolution whose file names are the prompts (what --instance_data_dir reads, in both scripts).
 One image by default: the short run then takes one step (with 4, as the issue first measured, it takes 4).
 
