@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from train.default_model import Recipe
+from uvit import UViT
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -102,3 +105,17 @@ def test_train_speed_per_step_time_subtracts_a_short_run_of_one_step_per_image()
     assert one["impls"]["ours"]["per_step_s"] == [10.0]
     with pytest.raises(SystemExit):  # the short run must be shorter than the long one
         bench.main(["--tiny", "--images", "3", "--steps", "3"])
+
+
+def test_default_model_step_benchmark_splits_the_forward_flops_and_times_each_batch(capsys):
+    bench = load_script("default_model_step")
+    cfg = Recipe.reduced().uvit_config
+    model = UViT(cfg)
+    gflop, shares = bench.forward_flop_shares(model, bench.random_inputs(cfg, 2, 77))
+    assert gflop > 0
+    whole = shares["transformer layers"] + shares["conv stages"] + shares["head"]
+    assert 0.5 < whole <= 1.0  # the three parts are disjoint and hold most of the work
+    assert 0 < shares["  their GEGLU feed-forwards"] < shares["transformer layers"]
+    bench.main(["--recipe", "reduced", "--batches", "2", "4", "--samples", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "batch    2:" in out and "batch    4:" in out and "ms per sample" in out

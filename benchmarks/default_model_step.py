@@ -1,0 +1,97 @@
+"""Where one training step of a default-model recipe's U-ViT goes, and what a sample costs: the forward's FLOPs per
+part (torch's FLOP counter) and the seconds per sample of a whole step (forward, backward, AdamW) at several batch
+sizes, measured one after the other in this process on random inputs. Not a test.
+
+    python benchmarks/default_model_step.py [--recipe cpu] [--batches 32 64 128] [--threads 2] [--text-length 77]
+
+docs/default_model.md ("What would close it") quotes what it printed on the project's 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from train.default_model import RECIPES
+from uvit import UViT
+
+
+def random_inputs(cfg, batch: int, text_length: int):
+    ids = torch.randint(cfg.vocab_size, (batch, cfg.sample_size, cfg.sample_size))
+    text = torch.randn(batch, text_length, cfg.encoder_hidden_size)
+    pooled = torch.randn(batch, cfg.cond_embed_dim)
+    micro = torch.tensor([[64.0, 64.0, 0.0, 0.0, 6.0]]).expand(batch, -1)
+    return ids, text, pooled, micro
+
+
+def forward_flop_shares(model: UViT, inputs) -> tuple[float, dict[str, float]]:
+    """(forward GFLOP, share of the forward's FLOPs per part)."""
+    counter = FlopCounterMode(depth=4, display=False)
+    with counter, torch.no_grad():
+        model(*inputs)
+    total, counts = counter.get_total_flops(), counter.get_flop_counts()
+
+    def share(*names: str) -> float:
+        return sum(sum(counts.get(n, {}).values()) for n in names) / total
+
+    layers = range(len(model.layers))
+    return total / 1e9, {
+        "transformer layers": share(*(f"UViT.layers.{i}" for i in layers)),
+        "  their GEGLU feed-forwards": share(*(f"UViT.layers.{i}.ff" for i in layers)),
+        "  their cross-attention keys and values": share(
+            *(f"UViT.layers.{i}.cross_attn.{p}" for i in layers for p in ("k", "v"))
+        ),
+        "conv stages": share("UViT.down", "UViT.up"),
+        "head": share("UViT.head"),
+    }
+
+
+def seconds_per_step(model: UViT, inputs, steps: int) -> float:
+    """Mean seconds of `steps` whole training steps, after two warm-up steps."""
+    cfg = model.config
+    optimizer = torch.optim.AdamW(model.parameters())
+    ids = inputs[0]
+    labels = ids.clamp(max=cfg.codebook_size - 1)
+
+    def step():
+        loss = F.cross_entropy(model(*inputs), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--text-length", type=int, default=77)
+    p.add_argument("--samples", type=int, default=320, help="samples timed per batch size (at least 3 steps)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = RECIPES[args.recipe]().uvit_config
+    model = UViT(cfg)
+
+    gflop, shares = forward_flop_shares(model, random_inputs(cfg, args.batches[0], args.text_length))
+    print(f"{args.recipe} recipe's U-ViT, batch {args.batches[0]}: forward {gflop:.2f} GFLOP")
+    for name, value in shares.items():
+        print(f"  {name:<42}{value:6.1%}")
+    for batch in args.batches:
+        s = seconds_per_step(model, random_inputs(cfg, batch, args.text_length), max(3, args.samples // batch))
+        print(f"batch {batch:>4}: {s:.3f} s per step, {1000 * s / batch:.2f} ms per sample")
+
+
+if __name__ == "__main__":
+    main()
