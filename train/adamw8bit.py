@@ -1,0 +1,175 @@
+"""bitsandbytes' AdamW8bit with its CPU update fused: the same optimizer, state and numbers, fewer passes over memory.
+
+bitsandbytes' CPU update of an 8-bit parameter (`bitsandbytes/backends/cpu/ops.py`) runs about fifteen whole-tensor
+operations: dequantize both moments, update them and the parameter with torch ops, quantize the moments back. On a
+full fine-tune of amused-256 that is most of the step (docs/training.md). `AdamW8bit` here is bitsandbytes'
+`AdamW8bit` (a subclass: its state, `state_dict` and checkpoints are bitsandbytes'); only its per-parameter update
+on the CPU goes through `train/csrc/adamw8bit.c` instead, in slices that stay in cache: one C pass dequantizes,
+updates and requantizes the moments, `torch.sqrt` takes the second moment's root (torch's own kernel, whose rounding
+bitsandbytes' update inherits), a second C pass updates the parameter. The result is bitsandbytes' to the bit
+(tests/test_adamw8bit.py: parameters, quantized moments and their absmax).
+
+The C source is compiled on first use with the system's C compiler (`cc`, or `$CC`) into a cache folder
+(`$MUSE_CACHE`, else `~/.cache/muse`), once per source and compiler. Without a compiler, or for what the fused path
+does not cover (CUDA, half-precision parameters, the 32-bit state of small tensors, `max_unorm`, `skip_zeros`,
+other optimizers), the update is bitsandbytes' own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "adamw8bit.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+BLOCK = 256  # bitsandbytes' block size for 8-bit optimizer states
+SLICE = 1 << 18  # elements per fused slice: its fp32 moments and root (3 MiB) stay in cache between the passes
+
+_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+_luts: dict[tuple[float, ...], torch.Tensor] = {}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MUSE_CACHE") or Path.home() / ".cache" / "muse")
+
+
+def _cpu() -> bytes:
+    """What -march=native compiles for (a cache shared between machines must not hand one's build to another)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine().encode() + platform.processor().encode()
+    return "".join(sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))})).encode()
+
+
+def _compile() -> Path:
+    """The shared library built from SOURCE, compiled once per source, compiler and flags."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise OSError("no C compiler (cc, gcc or $CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu()]))
+    key = key.hexdigest()[:16]
+    target = _cache_dir() / f"adamw8bit-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, check=True)
+            os.replace(built, target)  # atomic: a concurrent build finds a whole file or none
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is None:
+        try:
+            lib = ctypes.CDLL(str(_compile()))
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
+            log.warning("8-bit AdamW: bitsandbytes' own CPU update (the fused one did not build: %s)", detail)
+            _lib = False
+            return None
+        p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+        lib.muse_build_lut.argtypes = [p, p]
+        lib.muse_adamw8bit_moments.argtypes = [p] * 9 + [i64] * 3 + [f32] * 5 + [i32, p, p]
+        lib.muse_adamw8bit_params.argtypes = [p, p, p, i64, f32, f32, i32, f32, f32, i32]
+        _lib = lib
+    return _lib or None
+
+
+def available() -> bool:
+    """Whether the fused CPU update is built (compiling it if it is not yet)."""
+    return _load() is not None
+
+
+def _lut(qmap: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' quantization lookup table for a map (65536 bins of [-1, 1] -> nearest code), built once."""
+    key = tuple(qmap.tolist())
+    if key not in _luts:
+        lut = torch.empty(65536, dtype=torch.uint8)
+        _load().muse_build_lut(qmap.contiguous().data_ptr(), lut.data_ptr())
+        _luts[key] = lut
+    return _luts[key]
+
+
+@torch.no_grad()
+def fused_update(
+    g: torch.Tensor,
+    p: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    lr: float,
+    qmap1: torch.Tensor,
+    qmap2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+    weight_decay: float,
+    gnorm_scale: float = 1.0,
+) -> None:
+    """bitsandbytes' `optimizer_update_8bit_blockwise("adam", ...)` on contiguous fp32 CPU tensors, in place."""
+    lib = _load()
+    n, threads = p.numel(), torch.get_num_threads()
+    correction1 = 1.0 - beta1**step
+    correction2 = math.sqrt(1.0 - beta2**step)
+    decay, step_size = 1.0 - lr * weight_decay, -lr / correction1
+    lut1, lut2 = _lut(qmap1), _lut(qmap2)
+    width = min(SLICE, n)
+    m, v, root = (torch.empty(width) for _ in range(3))
+    ptr = [t.data_ptr() for t in (g, p, state1, state2, absmax1, absmax2, qmap1, qmap2, lut1, lut2, m, v, root)]
+    g_, p_, s1_, s2_, a1_, a2_, q1_, q2_, l1_, l2_, m_, v_, root_ = ptr
+    for start in range(0, n, SLICE):
+        count = min(SLICE, n - start)
+        lib.muse_adamw8bit_moments(
+            g_, s1_, s2_, a1_, a2_, q1_, q2_, l1_, l2_, n, start, count,
+            beta1, 1.0 - beta1, beta2, 1.0 - beta2, gnorm_scale, threads, m_, v_,
+        )  # fmt: skip
+        torch.sqrt(v[:count], out=root[:count])
+        lib.muse_adamw8bit_params(
+            p_ + 4 * start, m_, root_, count, correction2, eps, weight_decay > 0.0, decay, step_size, threads
+        )
+
+
+class AdamW8bit(bnb.optim.AdamW8bit):
+    """bitsandbytes' AdamW8bit; the update of 8-bit fp32 parameters on the CPU is `fused_update`."""
+
+    def update_step(self, group, p, gindex, pindex):
+        state = self.state[p]
+        config = self.get_config(gindex, pindex, group)
+        fusable = (
+            p.device.type == "cpu"
+            and p.dtype == torch.float32
+            and p.grad.dtype == torch.float32
+            and state["state1"].dtype == torch.uint8
+            and config["max_unorm"] == 0.0
+            and not config["skip_zeros"]
+            and available()
+        )
+        if not fusable:
+            return super().update_step(group, p, gindex, pindex)
+        p.data = p.data.contiguous()  # as bitsandbytes' update_step
+        p.grad = p.grad.contiguous()
+        state["step"] += 1
+        beta1, beta2 = config["betas"][:2]
+        fused_update(
+            p.grad, p.data, state["state1"], state["state2"], beta1, beta2, config["eps"], state["step"],
+            config["lr"], state["qmap1"], state["qmap2"], state["absmax1"], state["absmax2"],
+            config["weight_decay"],
+        )  # fmt: skip
