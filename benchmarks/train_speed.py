@@ -496,9 +496,12 @@ def micro(args, out_dir: Path) -> Path:
     """Single changes measured side by side (alternating A and B, median of --micro_repeats), at the sizes of the
     amused-256 step: the memory sampler's interval (5 ms as before, 0.25 s now) beside a stretch of matmuls of the
     transformer's shapes; one LoRA layer (1024 -> 1024, rank 16, 256 tokens) forward and backward with the scaling
-    on the out-wide update (as before) or on the rank-wide intermediate (now)."""
+    on the out-wide update (as before) or on the rank-wide intermediate (now); the 8-bit AdamW update of one
+    GEGLU-sized parameter (5632 x 1024), bitsandbytes' own CPU update or the fused one (train/adamw8bit.py)."""
+    import bitsandbytes.functional as bnbF
     import torch
 
+    from train import adamw8bit
     from train.tracking import MemoryMonitor
     from uvit.lora import LoRALinear
 
@@ -535,6 +538,25 @@ def micro(args, out_dir: Path) -> Path:
 
         return run
 
+    n = 5632 * 1024
+    param, grad = torch.randn(n), torch.randn(n) * 1e-3
+    state = [torch.randint(0, 256, (n,), dtype=torch.uint8) for _ in range(2)]
+    absmax = [torch.rand(n // 256) * 1e-3, torch.rand(n // 256) * 1e-6]
+    qmaps = [bnbF.create_dynamic_map(signed=True), bnbF.create_dynamic_map(signed=False)]
+
+    def adam8(fused: bool):
+        def run():
+            for _ in range(10):
+                if fused:
+                    adamw8bit.fused_update(grad, param, *state, 0.9, 0.999, 1e-8, 10, 1e-5, *qmaps, *absmax, 1e-2)
+                else:
+                    torch.ops.bitsandbytes.optimizer_update_8bit_blockwise(
+                        "adam", grad, param, *state, 0.9, 0.999, 0.0, 0.0, 1e-8, 10, 1e-5, qmaps[0], qmaps[1],
+                        *absmax, 1e-2, 1.0, False,
+                    )  # fmt: skip
+
+        return run
+
     cases = {
         "memory sampler during 12 matmuls (256x1024 @ 1024x5632)": (
             with_monitor(0.005),
@@ -548,7 +570,15 @@ def micro(args, out_dir: Path) -> Path:
             "scaled update",
             "scaled intermediate",
         ),
+        "8-bit AdamW update x 10 of a 5632 x 1024 parameter": (
+            adam8(False),
+            adam8(True),
+            "bitsandbytes' CPU update",
+            "fused (train/adamw8bit.py)",
+        ),
     }
+    if not adamw8bit.available():
+        del cases["8-bit AdamW update x 10 of a 5632 x 1024 parameter"]
     lines = ["| change | before | after | before s | after s | after / before |", "|---|---|---|---|---|---|"]
     for name, (before, after, a, b) in cases.items():
         before(), after()  # warm-up

@@ -138,3 +138,30 @@ def test_a_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path, caplog
     with caplog.at_level("WARNING", logger="train.adamw8bit"):
         assert not adamw8bit.available()
     assert "bitsandbytes' own CPU update" in caplog.text and "no-such-compiler" in caplog.text
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        (dict(g=torch.zeros(4096, dtype=torch.float16)), "grad must be a contiguous torch.float32"),
+        (
+            dict(state1=torch.zeros(4000, dtype=torch.uint8)),
+            "state1 must be a contiguous torch.uint8 CPU tensor of 4096",
+        ),
+        (dict(absmax2=torch.zeros(15)), "absmax2 must be a contiguous torch.float32 CPU tensor of 16"),
+        (dict(p=torch.zeros(64, 128).t()), "param must be a contiguous torch.float32 CPU tensor of 8192"),
+    ],
+    ids=["half grad", "short state", "short absmax", "transposed param"],
+)
+def test_fused_update_refuses_a_layout_it_would_misread(broken, message):
+    n = broken["p"].numel() if "p" in broken else 4096
+    blocks = -(-n // 256)
+    args = dict(g=torch.zeros(n), p=torch.zeros(n), state1=torch.zeros(n, dtype=torch.uint8))
+    args.update(state2=torch.zeros(n, dtype=torch.uint8), absmax1=torch.zeros(blocks), absmax2=torch.zeros(blocks))
+    args.update(broken)
+    with pytest.raises(ValueError, match=message):
+        adamw8bit.fused_update(
+            args["g"], args["p"], args["state1"], args["state2"], 0.9, 0.999, 1e-8, 1, 1e-3, QMAP1, QMAP2,
+            args["absmax1"], args["absmax2"], 0.0,
+        )  # fmt: skip

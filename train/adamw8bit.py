@@ -18,6 +18,7 @@ other optimizers), the update is bitsandbytes' own.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import math
@@ -26,9 +27,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ SLICE = 1 << 18  # elements per fused slice: its fp32 moments and root (3 MiB) s
 
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 _luts: dict[tuple[float, ...], torch.Tensor] = {}
+_scratch = threading.local()  # per thread: the slice's fp32 moments and root, reused from call to call
 
 
 def _cache_dir() -> Path:
@@ -106,6 +108,32 @@ def _lut(qmap: torch.Tensor) -> torch.Tensor:
     return _luts[key]
 
 
+def _buffers(width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three fp32 buffers of at least `width` elements (the slice's m, v and sqrt(v)), kept for the next call."""
+    held = getattr(_scratch, "buffers", None)
+    if held is None or held[0].numel() < width:
+        held = _scratch.buffers = tuple(torch.empty(width) for _ in range(3))
+    return held
+
+
+def _check(g, p, state1, state2, qmap1, qmap2, absmax1, absmax2) -> None:
+    """The layout the C passes read and write: anything else is an error here, not a wild write there."""
+    n, blocks = p.numel(), -(-p.numel() // BLOCK)
+    want = [
+        ("param", p, torch.float32, n), ("grad", g, torch.float32, n), ("state1", state1, torch.uint8, n),
+        ("state2", state2, torch.uint8, n), ("absmax1", absmax1, torch.float32, blocks),
+        ("absmax2", absmax2, torch.float32, blocks), ("qmap1", qmap1, torch.float32, 256),
+        ("qmap2", qmap2, torch.float32, 256),
+    ]  # fmt: skip
+    for name, t, dtype, numel in want:
+        if t.device.type != "cpu" or t.dtype != dtype or t.numel() != numel or not t.is_contiguous():
+            raise ValueError(
+                f"fused 8-bit AdamW update: {name} must be a contiguous {dtype} CPU tensor of {numel} elements "
+                f"(a parameter of {n}); got {t.dtype} on {t.device}, {t.numel()} elements"
+                + ("" if t.is_contiguous() else ", not contiguous")
+            )
+
+
 @torch.no_grad()
 def fused_update(
     g: torch.Tensor,
@@ -125,14 +153,16 @@ def fused_update(
     gnorm_scale: float = 1.0,
 ) -> None:
     """bitsandbytes' `optimizer_update_8bit_blockwise("adam", ...)` on contiguous fp32 CPU tensors, in place."""
+    _check(g, p, state1, state2, qmap1, qmap2, absmax1, absmax2)
     lib = _load()
+    if lib is None:
+        raise RuntimeError("the fused 8-bit AdamW update is not built (see the warning above); use bitsandbytes'")
     n, threads = p.numel(), torch.get_num_threads()
     correction1 = 1.0 - beta1**step
     correction2 = math.sqrt(1.0 - beta2**step)
     decay, step_size = 1.0 - lr * weight_decay, -lr / correction1
     lut1, lut2 = _lut(qmap1), _lut(qmap2)
-    width = min(SLICE, n)
-    m, v, root = (torch.empty(width) for _ in range(3))
+    m, v, root = _buffers(min(SLICE, n))
     ptr = [t.data_ptr() for t in (g, p, state1, state2, absmax1, absmax2, qmap1, qmap2, lut1, lut2, m, v, root)]
     g_, p_, s1_, s2_, a1_, a2_, q1_, q2_, l1_, l2_, m_, v_, root_ = ptr
     for start in range(0, n, SLICE):
@@ -147,29 +177,42 @@ def fused_update(
         )
 
 
-class AdamW8bit(bnb.optim.AdamW8bit):
-    """bitsandbytes' AdamW8bit; the update of 8-bit fp32 parameters on the CPU is `fused_update`."""
+@functools.cache
+def optimizer_class() -> type:
+    """`AdamW8bit`: bitsandbytes' AdamW8bit, whose update of 8-bit fp32 parameters on the CPU is `fused_update`.
+    Built on first use, so that importing this module does not import bitsandbytes."""
+    import bitsandbytes as bnb  # optional heavy dependency: only with --use_8bit_adam
 
-    def update_step(self, group, p, gindex, pindex):
-        state = self.state[p]
-        config = self.get_config(gindex, pindex, group)
-        fusable = (
-            p.device.type == "cpu"
-            and p.dtype == torch.float32
-            and p.grad.dtype == torch.float32
-            and state["state1"].dtype == torch.uint8
-            and config["max_unorm"] == 0.0
-            and not config["skip_zeros"]
-            and available()
-        )
-        if not fusable:
-            return super().update_step(group, p, gindex, pindex)
-        p.data = p.data.contiguous()  # as bitsandbytes' update_step
-        p.grad = p.grad.contiguous()
-        state["step"] += 1
-        beta1, beta2 = config["betas"][:2]
-        fused_update(
-            p.grad, p.data, state["state1"], state["state2"], beta1, beta2, config["eps"], state["step"],
-            config["lr"], state["qmap1"], state["qmap2"], state["absmax1"], state["absmax2"],
-            config["weight_decay"],
-        )  # fmt: skip
+    class AdamW8bit(bnb.optim.AdamW8bit):
+        def update_step(self, group, p, gindex, pindex):
+            state = self.state[p]
+            config = self.get_config(gindex, pindex, group)
+            fusable = (
+                p.device.type == "cpu"
+                and p.dtype == torch.float32
+                and p.grad.dtype == torch.float32
+                and state["state1"].dtype == torch.uint8
+                and config["max_unorm"] == 0.0
+                and not config["skip_zeros"]
+                and available()
+            )
+            if not fusable:
+                return super().update_step(group, p, gindex, pindex)
+            p.data = p.data.contiguous()  # as bitsandbytes' update_step
+            p.grad = p.grad.contiguous()
+            state["step"] += 1
+            beta1, beta2 = config["betas"][:2]
+            fused_update(
+                p.grad, p.data, state["state1"], state["state2"], beta1, beta2, config["eps"], state["step"],
+                config["lr"], state["qmap1"], state["qmap2"], state["absmax1"], state["absmax2"],
+                config["weight_decay"],
+            )  # fmt: skip
+
+    AdamW8bit.__module__ = __name__
+    return AdamW8bit
+
+
+def __getattr__(name: str):
+    if name == "AdamW8bit":  # train.adamw8bit.AdamW8bit, built (and bitsandbytes imported) when first asked for
+        return optimizer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,8 @@ from torch import nn
 
 from convert.diffusers_keys import UVIT_KEYMAP
 
+from . import adamw8bit
+
 NO_DECAY = ("bias", "layer_norm.weight", "mlm_ln.weight", "embeddings.weight")
 
 
@@ -49,10 +51,10 @@ def build_optimizer(
         raise ValueError("nothing to train: no parameter requires a gradient")
     if use_8bit:
         try:
-            from .adamw8bit import AdamW8bit  # optional: bitsandbytes, only with --use_8bit_adam
+            cls = adamw8bit.optimizer_class()  # imports bitsandbytes: only with --use_8bit_adam
         except ImportError as e:
             raise ImportError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)") from e
-        return AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+        return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
     params = [p for g in groups for p in g["params"]]
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused or None)
