@@ -6,6 +6,7 @@ built here, and tests that use them carry the `full` marker."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -31,16 +32,42 @@ def reference_pipelines():
 
 @pytest.fixture(scope="session")
 def published_dirs(reference_pipelines, tmp_path_factory):
-    """kind -> a folder in the published layout (fp32 and fp16 variant weights) of `reference_pipelines(kind)`."""
+    """kind -> a folder in the published layout (fp32 and fp16 variant weights) of `reference_pipelines(kind)`.
+
+    A full-size folder takes about 5 GB of disk, and CI machines may have little to spare: only one is kept at a
+    time. Asking for the other full size deletes it (rebuilding one from the cached pipeline takes seconds), and
+    `pytest_collection_modifyitems` below orders tests so that this happens rarely."""
     cache = {}
 
     def get(kind: str):
         if kind not in cache:
+            if kind.startswith("full"):
+                for other in [k for k in cache if k.startswith("full")]:
+                    shutil.rmtree(cache.pop(other))
             d = tmp_path_factory.mktemp(f"published-{kind}")
             cache[kind] = save_published(reference_pipelines(kind), d, fp16_variant=True)
         return cache[kind]
 
     return get
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping by module-scoped fixture parameters
+def pytest_collection_modifyitems(items):
+    """Within each module, tests that load a full-512 published folder go first, so that the module leaves full-256
+    on disk: the later modules ask for full-256 only (see `published_dirs`). A stable sort keeps every other order."""
+
+    def uses_full_512(item) -> bool:
+        params = getattr(item, "callspec", None)
+        return (
+            "published_dirs" in item.fixturenames
+            and params is not None
+            and "full-512" in [v for v in params.params.values() if isinstance(v, str)]
+        )
+
+    module_rank = {}
+    for item in items:
+        module_rank.setdefault(item.module, len(module_rank))
+    items.sort(key=lambda item: (module_rank[item.module], not uses_full_512(item)))
 
 
 @pytest.fixture(scope="module")
