@@ -57,12 +57,9 @@ def pytest_collection_modifyitems(items):
     on disk: the later modules ask for full-256 only (see `published_dirs`). A stable sort keeps every other order."""
 
     def uses_full_512(item) -> bool:
-        params = getattr(item, "callspec", None)
-        return (
-            "published_dirs" in item.fixturenames
-            and params is not None
-            and "full-512" in [v for v in params.params.values() if isinstance(v, str)]
-        )
+        callspec = getattr(item, "callspec", None)  # only parametrized tests have one
+        values = callspec.params.values() if callspec is not None else ()
+        return "published_dirs" in item.fixturenames and any(isinstance(v, str) and v == "full-512" for v in values)
 
     module_rank = {}
     for item in items:
