@@ -82,6 +82,9 @@ class TrainConfig:
     mixed_precision: str | None = None  # no | fp16 | bf16
     allow_tf32: bool = False
     gradient_checkpointing: bool = False
+    # ours: torch.compile the U-ViT for the training step (the same computation, fused kernels: rounding may differ
+    # from the eager step's; the first steps compile; on a CPU it needs a C++ compiler)
+    compile: bool = False
     use_ema: bool = False
     ema_decay: float = 0.9999
     ema_update_after_step: int = 0

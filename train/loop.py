@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,8 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     )
     batches = iter(loader)
     model = DDP(transformer, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else transformer
+    if cfg.compile:
+        model = compiled(model, device)
     autocast = torch.autocast(device.type, dtype=cfg.weight_dtype, enabled=cfg.mixed_precision != "no")
     tracker = Tracker(cfg.report_to, dist.main, cfg.to_dict(), out / cfg.logging_dir)
     result = TrainResult(step=step, output_dir=out)
@@ -426,6 +429,14 @@ def steps_in_backward(cfg: TrainConfig, dist, trained_parameters: int) -> bool:
         and not dist.enabled
         and trained_parameters >= STEP_IN_BACKWARD_MIN_PARAMETERS
     )
+
+
+def compiled(model, device):
+    """torch.compile(model), after checking that its backend can build kernels for `device` here."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise RuntimeError("--compile on a CPU needs a C++ compiler (g++, c++ or clang++ on PATH); none was found")
+    log.info("compiling the U-ViT's step (torch.compile): the first steps are slow")
+    return torch.compile(model)
 
 
 def trained_named(transformer, text_encoder, cfg: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
