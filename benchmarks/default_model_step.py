@@ -3,6 +3,7 @@ part (torch's FLOP counter) and the seconds per sample of a whole step (forward,
 sizes, measured one after the other in this process on random inputs. Not a test.
 
     python benchmarks/default_model_step.py [--recipe cpu] [--batches 32 64 128] [--threads 2] [--text-length 77]
+    python benchmarks/default_model_step.py --compile [--alternations 3]    # eager against torch.compile, A B A B
 
 docs/default_model.md ("What would close it") quotes what it printed on the project's 2-core machine.
 """
@@ -71,6 +72,20 @@ def seconds_per_step(model: UViT, inputs, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def compiled_against_eager(model: UViT, inputs, steps: int, alternations: int) -> dict:
+    """Seconds to compile the step (its first call), then seconds per step of the eager and the compiled model,
+    alternating (eager, compiled, eager, ...) so that a drifting machine slows both alike."""
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    seconds_per_step(compiled, inputs, 1)  # compiles forward and backward in its warm-up steps
+    compile_s = time.perf_counter() - start
+    eager, fused = [], []
+    for _ in range(alternations):
+        eager.append(seconds_per_step(model, inputs, steps))
+        fused.append(seconds_per_step(compiled, inputs, steps))
+    return {"compile_seconds": compile_s, "eager": eager, "compiled": fused}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
@@ -78,11 +93,24 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--text-length", type=int, default=77)
     p.add_argument("--samples", type=int, default=320, help="samples timed per batch size (at least 3 steps)")
+    p.add_argument("--compile", action="store_true", help="time torch.compile's step against the eager one instead")
+    p.add_argument("--alternations", type=int, default=3, help="with --compile: eager / compiled pairs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = RECIPES[args.recipe]().uvit_config
     model = UViT(cfg)
+    if args.compile:
+        batch = args.batches[0]
+        r = compiled_against_eager(
+            model, random_inputs(cfg, batch, args.text_length), max(3, args.samples // batch), args.alternations
+        )
+        print(f"{args.recipe} recipe's U-ViT, batch {batch}: compiling took {r['compile_seconds']:.1f} s")
+        for e, c in zip(r["eager"], r["compiled"]):
+            print(f"eager {e:.3f} s per step, compiled {c:.3f} s per step: compiled / eager {c / e:.2f}")
+        e, c = sorted(r["eager"])[len(r["eager"]) // 2], sorted(r["compiled"])[len(r["compiled"]) // 2]
+        print(f"medians: eager {e:.3f}, compiled {c:.3f} s per step; compiled / eager {c / e:.2f}")
+        return
 
     gflop, shares = forward_flop_shares(model, random_inputs(cfg, args.batches[0], args.text_length))
     print(f"{args.recipe} recipe's U-ViT, batch {args.batches[0]}: forward {gflop:.2f} GFLOP")

@@ -119,3 +119,11 @@ def test_default_model_step_benchmark_splits_the_forward_flops_and_times_each_ba
     bench.main(["--recipe", "reduced", "--batches", "2", "4", "--samples", "4", "--threads", "1"])
     out = capsys.readouterr().out
     assert "batch    2:" in out and "batch    4:" in out and "ms per sample" in out
+
+
+@pytest.mark.slow
+def test_default_model_step_benchmark_times_the_compiled_step_beside_the_eager_one(capsys):
+    bench = load_script("default_model_step")
+    bench.main(["--recipe", "reduced", "--compile", "--batches", "2", "--samples", "4", "--alternations", "2"])
+    out = capsys.readouterr().out
+    assert "compiling took" in out and out.count("compiled / eager") == 3 and "medians:" in out

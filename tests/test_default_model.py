@@ -276,8 +276,21 @@ def test_preflight_times_crop_steps_apart_and_projects_every_step(monkeypatch):
     assert crops and all(shape[-2:] == (32, 32) for shape in crops)  # the crop steps were timed on crops
     vq, uvit = recipe.vq_train.steps, recipe.steps
     projected = est["vq_crop_seconds_per_step"] * vq / 2 + est["vq_seconds_per_step"] * vq / 2
-    projected += est["uvit_seconds_per_step"] * uvit
-    assert est["vq_crop_seconds_per_step"] > 0
+    projected += est["uvit_seconds_per_step"] * uvit + est["uvit_compile_seconds"]
+    assert est["vq_crop_seconds_per_step"] > 0 and est["uvit_compile_seconds"] == 0  # the reduced recipe: eager
+    assert est["projected_training_seconds"] == pytest.approx(projected)
+
+
+@pytest.mark.slow
+def test_preflight_of_a_compiling_recipe_times_its_compilation_apart():
+    recipe = Recipe.reduced()
+    recipe.compile = True
+    est = preflight(recipe, "cpu", steps=2)
+    assert est["uvit_compile_seconds"] > est["uvit_seconds_per_step"] > 0
+    vq_s = est["vq_crop_seconds_per_step"] * recipe.vq_train.crop_steps + est["vq_seconds_per_step"] * (
+        recipe.vq_train.steps - recipe.vq_train.crop_steps
+    )
+    projected = vq_s + est["uvit_compile_seconds"] + est["uvit_seconds_per_step"] * recipe.steps
     assert est["projected_training_seconds"] == pytest.approx(projected)
 
 

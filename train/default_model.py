@@ -193,6 +193,7 @@ class Recipe:
     vq_eval_images: int = 1024  # held-out images for the VQ-GAN's PSNR and codebook usage
     workers: int = 4  # data loader processes of the U-ViT stage
     label_smoothing: float = 0.0
+    compile: bool = False  # torch.compile the U-ViT's training step (the loop's --compile)
     # the learning curve: the loop checkpoints the U-ViT every steps // curve_points steps (and at the end), and each
     # checkpoint's held-out adherence is measured after the run, against the wall-clock minutes at which it was
     # written (0 = only the final model is evaluated)
@@ -408,6 +409,7 @@ def train_uvit_stage(recipe: Recipe, components, data: Path, work: Path, device:
         mixed_precision="no",  # fp32 (TF32 products on a GPU): the pre-encoded text features are those of inference
         allow_tf32=cuda,
         dataloader_num_workers=recipe.workers,
+        compile=recipe.compile,
         device=str(dev),
     )
     return train(cfg, components)
@@ -415,19 +417,25 @@ def train_uvit_stage(recipe: Recipe, components, data: Path, work: Path, device:
 
 def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
     """Measured seconds per training step of the VQ-GAN (with its data) and of the U-ViT (random inputs, the loop's
-    precision), after 3 warm-up steps, and the training time they project. Nothing here is kept."""
+    precision; compiled when the recipe compiles it, the compilation timed apart), after 3 warm-up steps, and the
+    training time they project. Nothing here is kept."""
 
-    def clock(step) -> float:
-        for _ in range(3):
-            step()
+    def sync():
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
+
+    def clock(step) -> tuple[float, float]:
+        """(seconds per step, seconds of the 3 warm-up steps)"""
+        t = time.perf_counter()
+        for _ in range(3):
+            step()
+        sync()
+        warmup = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(steps):
             step()
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / steps
+        sync()
+        return (time.perf_counter() - t) / steps, warmup
 
     vq = VQGAN(recipe.vq_config).to(device)
     opt = torch.optim.Adam(vq.parameters())
@@ -447,6 +455,7 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
     cfg, B = recipe.uvit_config, recipe.batch_size
     uvit = UViT(cfg).to(device)
     opt_u = torch.optim.AdamW(uvit.parameters())
+    forward = torch.compile(uvit) if recipe.compile else uvit
     ids = torch.randint(cfg.vocab_size, (B, cfg.sample_size, cfg.sample_size), device=device)
     text = torch.randn(B, 77, cfg.encoder_hidden_size, device=device)
     pooled = torch.randn(B, cfg.cond_embed_dim, device=device)
@@ -455,21 +464,26 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     def uvit_train_step():
-        logits = uvit(ids.clamp(max=cfg.codebook_size), text, pooled, micro)
+        logits = forward(ids.clamp(max=cfg.codebook_size), text, pooled, micro)
         loss = torch.nn.functional.cross_entropy(logits, ids.clamp(max=cfg.codebook_size - 1))
         loss.backward()
         opt_u.step()
         opt_u.zero_grad()
 
     crop_steps = vq_cfg.crop_steps
-    vq_crop_s = clock(lambda: vq_train_step(vq_cfg.crop_size)) if crop_steps else 0.0
-    vq_s, uvit_s = clock(vq_train_step), clock(uvit_train_step)
+    vq_crop_s = clock(lambda: vq_train_step(vq_cfg.crop_size))[0] if crop_steps else 0.0
+    vq_s = clock(vq_train_step)[0]
+    uvit_s, uvit_warmup = clock(uvit_train_step)
+    # what compiling costs beyond three steps (none without it)
+    compile_s = max(0.0, uvit_warmup - 3 * uvit_s) if recipe.compile else 0.0
     return {
         "vq_crop_seconds_per_step": vq_crop_s,
         "vq_seconds_per_step": vq_s,
         "uvit_seconds_per_step": uvit_s,
+        "uvit_compile_seconds": compile_s,
         "projected_training_seconds": vq_crop_s * crop_steps
         + vq_s * (vq_cfg.steps - crop_steps)
+        + compile_s
         + uvit_s * recipe.steps,
     }
 
