@@ -75,7 +75,7 @@ def seconds_per_step(model: UViT, inputs, steps: int) -> float:
 def compiled_against_eager(model: UViT, inputs, steps: int, alternations: int) -> dict:
     """Seconds to compile the step (its first call), then seconds per step of the eager and the compiled model,
     alternating (eager, compiled, eager, ...) so that a drifting machine slows both alike."""
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, dynamic=False)
     start = time.perf_counter()
     seconds_per_step(compiled, inputs, 1)  # compiles forward and backward in its warm-up steps
     compile_s = time.perf_counter() - start

@@ -455,7 +455,7 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
     cfg, B = recipe.uvit_config, recipe.batch_size
     uvit = UViT(cfg).to(device)
     opt_u = torch.optim.AdamW(uvit.parameters())
-    forward = torch.compile(uvit) if recipe.compile else uvit
+    forward = torch.compile(uvit, dynamic=False) if recipe.compile else uvit
     ids = torch.randint(cfg.vocab_size, (B, cfg.sample_size, cfg.sample_size), device=device)
     text = torch.randn(B, 77, cfg.encoder_hidden_size, device=device)
     pooled = torch.randn(B, cfg.cond_embed_dim, device=device)

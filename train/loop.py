@@ -436,7 +436,7 @@ def compiled(model, device):
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise RuntimeError("--compile on a CPU needs a C++ compiler (g++, c++ or clang++ on PATH); none was found")
     log.info("compiling the U-ViT's step (torch.compile): the first steps are slow")
-    return torch.compile(model)
+    return torch.compile(model, dynamic=False)  # static shapes: a new shape compiles anew, never symbolically
 
 
 def trained_named(transformer, text_encoder, cfg: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
