@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from train.default_model import RECIPES
+from train.loop import compiled as compile_step
 from uvit import UViT
 
 
@@ -75,7 +76,7 @@ def seconds_per_step(model: UViT, inputs, steps: int) -> float:
 def compiled_against_eager(model: UViT, inputs, steps: int, alternations: int) -> dict:
     """Seconds to compile the step (its first call), then seconds per step of the eager and the compiled model,
     alternating (eager, compiled, eager, ...) so that a drifting machine slows both alike."""
-    compiled = torch.compile(model, dynamic=False)
+    compiled = compile_step(model, torch.device("cpu"))  # as the training loop compiles it
     start = time.perf_counter()
     seconds_per_step(compiled, inputs, 1)  # compiles forward and backward in its warm-up steps
     compile_s = time.perf_counter() - start

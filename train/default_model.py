@@ -52,7 +52,7 @@ from uvit import UViT, UViTConfig
 from vqgan import VQGAN, VQGANConfig
 
 from .config import TrainConfig
-from .loop import train
+from .loop import compiled, train
 from .vq import (
     VQTrainConfig,
     evaluate_vqgan,
@@ -455,7 +455,7 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
     cfg, B = recipe.uvit_config, recipe.batch_size
     uvit = UViT(cfg).to(device)
     opt_u = torch.optim.AdamW(uvit.parameters())
-    forward = torch.compile(uvit, dynamic=False) if recipe.compile else uvit
+    forward = compiled(uvit, torch.device(device)) if recipe.compile else uvit  # as the loop compiles it
     ids = torch.randint(cfg.vocab_size, (B, cfg.sample_size, cfg.sample_size), device=device)
     text = torch.randn(B, 77, cfg.encoder_hidden_size, device=device)
     pooled = torch.randn(B, cfg.cond_embed_dim, device=device)
