@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import math
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from . import native
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +41,10 @@ _luts: dict[tuple[float, ...], torch.Tensor] = {}
 _scratch = threading.local()  # per thread: the slice's fp32 moments and root, reused from call to call
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MUSE_CACHE") or Path.home() / ".cache" / "muse")
-
-
-def _cpu() -> bytes:
-    """What -march=native compiles for (a cache shared between machines must not hand one's build to another)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine().encode() + platform.processor().encode()
-    return "".join(sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))})).encode()
-
-
 def _compile() -> Path:
-    """The shared library built from SOURCE, compiled once per source, compiler and flags."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise OSError("no C compiler (cc, gcc or $CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu()]))
-    key = key.hexdigest()[:16]
-    target = _cache_dir() / f"adamw8bit-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, check=True)
-            os.replace(built, target)  # atomic: a concurrent build finds a whole file or none
-    return target
+    """The shared library built from SOURCE, compiled once per source, compiler, flags and CPU."""
+    cc = native.find_compiler("CC", ("cc", "gcc"))
+    return native.build("adamw8bit", SOURCE, cc, FLAGS, ["-lm"], key=native.cpu_identity())
 
 
 def _load() -> ctypes.CDLL | None:

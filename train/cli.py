@@ -129,6 +129,12 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
         help="(ours) torch.compile the U-ViT's training step: faster after the first steps, which compile; "
         "rounding may differ from the eager step's; on a CPU it needs a C++ compiler",
     )
+    g.add_argument(
+        "--no_cpu_caching_allocator",
+        dest="cpu_caching_allocator",
+        action="store_false",
+        help="(ours) on a CPU, train on torch's own allocator instead of the caching one (train/cpu_cache.py)",
+    )
     g.add_argument("--use_ema", action="store_true")
     g.add_argument("--ema_decay", type=float, default=d.ema_decay)
     g.add_argument("--ema_update_after_step", type=int, default=d.ema_update_after_step)

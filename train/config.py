@@ -85,6 +85,9 @@ class TrainConfig:
     # ours: torch.compile the U-ViT for the training step (the same computation, fused kernels: rounding may differ
     # from the eager step's; the first steps compile; on a CPU it needs a C++ compiler)
     compile: bool = False
+    # ours: on a CPU, the step's tensors come from a caching allocator (train/cpu_cache.py: the same values, less
+    # heap fragmentation; it needs a C++ compiler, else torch's own allocator is used)
+    cpu_caching_allocator: bool = True
     use_ema: bool = False
     ema_decay: float = 0.9999
     ema_update_after_step: int = 0

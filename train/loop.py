@@ -44,7 +44,7 @@ from muse.arguments import check_device
 from muse.text import encode_text
 from uvit.lora import lora_layers, set_adapters
 
-from . import checkpoint, distributed
+from . import checkpoint, cpu_cache, distributed
 from .config import TrainConfig
 from .data import (
     GlobalBatchSampler,
@@ -247,85 +247,101 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     )
 
     # --- the loop ----------------------------------------------------------------------------------------------------
-    monitor = MemoryMonitor(device).start()
-    bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not dist.main, desc="train")
-    window_loss, window_ratio, window_start = [], [], time.perf_counter()
-    pending = []  # this window's step losses, still on the device: read (one host sync) at logging steps and the end
-    while step < cfg.max_train_steps:
-        step_loss = torch.zeros((), device=device)
-        for micro in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
-            position += 1
-            result.skipped_images += len(batch["skipped"])
-            result.skipped_names.update(batch["skipped"])
+    # on a CPU the step's tensors come from the caching allocator (train/cpu_cache.py), the loaded weights do not
+    with cpu_cache.caching(cfg.cpu_caching_allocator and device.type == "cpu") as caching:
+        if caching:
+            log.info("CPU tensors of the loop from the caching allocator (--no_cpu_caching_allocator: torch's own)")
+        monitor = MemoryMonitor(device).start()
+        bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not dist.main, desc="train")
+        window_loss, window_ratio, window_start = [], [], time.perf_counter()
+        pending = []  # this window's step losses, still on the device: read (one host sync) at logging steps and the end
+        while step < cfg.max_train_steps:
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.gradient_accumulation_steps):
+                batch = next(batches)
+                position += 1
+                result.skipped_images += len(batch["skipped"])
+                result.skipped_names.update(batch["skipped"])
 
-            with torch.no_grad():
-                tokens = batch_tokens(batch, vqvae, cfg.split_vae_encode, device)  # (B, h, w)
-            masks = draw_masks(G, *tokens.shape[1:], masking, gen)  # for the global batch; our rows below
-            dropped = torch.rand(G, generator=gen) < cfg.cond_dropout_prob
-            rows = slice(dist.rank * B, (dist.rank + 1) * B)
-            input_ids, labels = apply_masks(tokens, masks.mask[rows], mask_id)
-            hidden, pooled = batch_conditioning(batch, encode_prompts, empty, dropped[rows].to(device), device)
-            micro_conds = batch["micro_conds"].to(device)
-            # the loss is the mean over the GLOBAL batch's masked tokens: DDP averages gradients over processes
-            normalizer = float(masks.mask.sum()) / dist.world
+                with torch.no_grad():
+                    tokens = batch_tokens(batch, vqvae, cfg.split_vae_encode, device)  # (B, h, w)
+                masks = draw_masks(G, *tokens.shape[1:], masking, gen)  # for the global batch; our rows below
+                dropped = torch.rand(G, generator=gen) < cfg.cond_dropout_prob
+                rows = slice(dist.rank * B, (dist.rank + 1) * B)
+                input_ids, labels = apply_masks(tokens, masks.mask[rows], mask_id)
+                hidden, pooled = batch_conditioning(batch, encode_prompts, empty, dropped[rows].to(device), device)
+                micro_conds = batch["micro_conds"].to(device)
+                # the loss is the mean over the GLOBAL batch's masked tokens: DDP averages gradients over processes
+                normalizer = float(masks.mask.sum()) / dist.world
 
-            last = micro == cfg.gradient_accumulation_steps - 1
-            with model.no_sync() if dist.enabled and not last else contextlib.nullcontext(), autocast:
-                logits = model(input_ids, hidden, pooled, micro_conds).permute(0, 2, 3, 1)  # (B, h, w, K) view
-                loss = masked_cross_entropy(logits, labels, cfg.label_smoothing, normalizer)
-                loss = loss / cfg.gradient_accumulation_steps
-            scaler.scale(loss).backward()
-            step_loss += loss.detach()
-            window_ratio.append(masks.ratio.mean())  # a CPU tensor (the masks are drawn there)
+                last = micro == cfg.gradient_accumulation_steps - 1
+                with model.no_sync() if dist.enabled and not last else contextlib.nullcontext(), autocast:
+                    logits = model(input_ids, hidden, pooled, micro_conds).permute(0, 2, 3, 1)  # (B, h, w, K) view
+                    loss = masked_cross_entropy(logits, labels, cfg.label_smoothing, normalizer)
+                    loss = loss / cfg.gradient_accumulation_steps
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+                window_ratio.append(masks.ratio.mean())  # a CPU tensor (the masks are drawn there)
 
-        if stepper is None:  # else every parameter has stepped in the backward already
-            if cfg.train_text_encoder:
-                dist.average_gradients(trained["text_encoder"])
-            if cfg.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for ps in trained.values() for p in ps], cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
-        scheduler.step()
-        step += 1
-        if ema is not None:
-            ema.update()
+            if stepper is None:  # else every parameter has stepped in the backward already
+                if cfg.train_text_encoder:
+                    dist.average_gradients(trained["text_encoder"])
+                if cfg.max_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for ps in trained.values() for p in ps], cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update()
 
-        pending.append(step_loss)
-        monitor.sample()
-        bar.update(1)
+            pending.append(step_loss)
+            monitor.sample()
+            bar.update(1)
 
-        if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
-            # the window's losses, averaged over processes, in one read (every process logs at the same steps)
-            window_loss = [float(v) for v in dist.mean(torch.stack(pending)).tolist()]
-            pending = []
-            result.losses += window_loss
-            bar.set_postfix(loss=f"{window_loss[-1]:.4f}")
-            elapsed = time.perf_counter() - window_start
-            samples = len(window_loss) * G * cfg.gradient_accumulation_steps
-            metrics = {
-                "loss": sum(window_loss) / len(window_loss),
-                "lr": scheduler.get_last_lr()[0],
-                "masking_rate": float(torch.stack(window_ratio).double().mean()),
-                "samples_per_s": samples / max(elapsed, 1e-9),
-                "skipped_images": result.skipped_images,
-                **memory_stats(device),
-            }
-            tracker.log(metrics, step)
-            window_loss, window_ratio, window_start = [], [], time.perf_counter()
-        if cfg.validation_prompts and step % cfg.validation_steps == 0 and dist.main:
-            validate(cfg, components, transformer, vqvae, text_encoder, tokenizer, ema, step, out, tracker, seed)
-        if step % cfg.checkpointing_steps == 0:
-            save_checkpoint(
-                out, step, position, seed, cfg, dist, transformer, text_encoder, optimizer, scheduler, scaler, ema, gen
-            )
-    bar.close()
-    if stepper is not None:
-        stepper.remove()
-    result.memory = monitor.stop()
-    log.info("memory: %s", " ".join(f"{k}={v}" for k, v in result.memory.items()))
+            if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+                # the window's losses, averaged over processes, in one read (every process logs at the same steps)
+                window_loss = [float(v) for v in dist.mean(torch.stack(pending)).tolist()]
+                pending = []
+                result.losses += window_loss
+                bar.set_postfix(loss=f"{window_loss[-1]:.4f}")
+                elapsed = time.perf_counter() - window_start
+                samples = len(window_loss) * G * cfg.gradient_accumulation_steps
+                metrics = {
+                    "loss": sum(window_loss) / len(window_loss),
+                    "lr": scheduler.get_last_lr()[0],
+                    "masking_rate": float(torch.stack(window_ratio).double().mean()),
+                    "samples_per_s": samples / max(elapsed, 1e-9),
+                    "skipped_images": result.skipped_images,
+                    **memory_stats(device),
+                }
+                tracker.log(metrics, step)
+                window_loss, window_ratio, window_start = [], [], time.perf_counter()
+            if cfg.validation_prompts and step % cfg.validation_steps == 0 and dist.main:
+                validate(cfg, components, transformer, vqvae, text_encoder, tokenizer, ema, step, out, tracker, seed)
+            if step % cfg.checkpointing_steps == 0:
+                save_checkpoint(
+                    out,
+                    step,
+                    position,
+                    seed,
+                    cfg,
+                    dist,
+                    transformer,
+                    text_encoder,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    ema,
+                    gen,
+                )
+        bar.close()
+        if stepper is not None:
+            stepper.remove()
+        result.memory = monitor.stop()
+        log.info("memory: %s", " ".join(f"{k}={v}" for k, v in result.memory.items()))
 
     # --- the end: a last checkpoint, then the trained weights (EMA if on) ---------------------------------------------
     if cfg.save_at_end and not (out / f"checkpoint-{step}" / checkpoint.DONE_FILE).is_file():
