@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from .config import UViTConfig
@@ -91,6 +92,122 @@ class AdaptiveNorm(nn.Module):
         return modulate(self.norm(x), mod.scale, mod.shift)
 
 
+# --- autograd that saves less: the same gradients, to the bit, from fewer saved tensors -------------------------------
+# Two products whose gradients autograd computes from a tensor it saves beside their inputs, each recomputed here from
+# the inputs instead, with the very ops autograd's backward runs: the GEGLU's GELU(gate) (inner floats per position)
+# and the CPU flash attention's output (dim floats per position). Used where autograd records (training) and not
+# under torch.compile, whose partitioner makes its own choice; tests/test_uvit_saved.py checks the gradients bit for bit.
+SAVE_LESS = True  # off: plain autograd (the tests compare both)
+
+
+def _records(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors here (and the save-less versions apply)."""
+    return (
+        SAVE_LESS
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _GEGLUProduct(torch.autograd.Function):
+    """value * GELU(gate) for the halves of h (..., 2 * inner), saving h alone: the backward recomputes GELU(gate)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        value, gate = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return value * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        value, gate = h.chunk(2, dim=-1)
+        grad_value = grad * F.gelu(gate)
+        grad_gate = torch.ops.aten.gelu_backward(grad * value, gate)
+        return torch.cat([grad_value, grad_gate], dim=-1)  # (..., 2 * inner), as the chunk's backward
+
+
+def geglu_product(h: torch.Tensor) -> torch.Tensor:
+    """(..., 2 * inner) -> value * GELU(gate) (..., inner), value the first half (exact erf GELU)."""
+    if _records(h):
+        return _GEGLUProduct.apply(h)
+    value, gate = h.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+class _CPUFlashAttention(torch.autograd.Function):
+    """The CPU flash attention F.scaled_dot_product_attention runs, saving q, k, v and the log-sum-exp but not the
+    output: the backward computes the output again (one more attention forward, a few percent of the layer's)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+        ctx.save_for_backward(q, k, v, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, logsumexp = ctx.saved_tensors
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, logsumexp, 0.0, False
+        )
+
+
+_FLASH = int(SDPBackend.FLASH_ATTENTION)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v: q (B, heads, L, head_dim), k and v (B, heads, S, head_dim) -> (B, heads, L,
+    head_dim), through F.scaled_dot_product_attention (on the CPU in training: the same kernel, saving less)."""
+    if q.device.type == "cpu" and _records(q, k, v) and torch._fused_sdp_choice(q, k, v) == _FLASH:
+        return _CPUFlashAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+_checkpointed = 0  # > 0 inside a gradient checkpoint (UViT._run), whose own hooks must see every saved tensor
+
+
+def _in_checkpoint(fn: Callable) -> Callable:
+    """fn, marked as running inside a gradient checkpoint (in the forward and in the backward's recomputation)."""
+
+    def run(*args):
+        global _checkpointed
+        _checkpointed += 1
+        try:
+            return fn(*args)
+        finally:
+            _checkpointed -= 1
+
+    return run
+
+
+def attend_normed(attn: "Attention", norm: nn.Module, x: torch.Tensor, *norm_args, kv=None) -> torch.Tensor:
+    """attn(norm(x, *norm_args), kv). In training, where autograd saves the normed input for the backward (the LoRA
+    adapters of q, k and v need it, or trained q, k, v weights), it saves instead what recomputes it, x and the
+    norm's arguments, and recomputes it when the backward reads it: the same ops, the same values. Only where x
+    requires a gradient, so that the norm saves x anyway (the residual stream after the first trained block)."""
+    h = norm(x, *norm_args)
+    if not _records(x) or _checkpointed:  # x requires a gradient: the norm saves it, the recipe costs nothing
+        return attn(h, kv)
+    storage, version = h.untyped_storage().data_ptr(), h._version
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() == storage and t._version == version:
+            return (t.size(), t.stride(), t.storage_offset())  # the view autograd saved, of h recomputed
+        return t
+
+    def unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        with torch.no_grad():
+            return norm(x, *norm_args).as_strided(*saved)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return attn(h, kv)
+
+
 class KeyValue(NamedTuple):
     """An attention's keys and values with the heads split: each (B, heads, L, head_dim)."""
 
@@ -125,7 +242,7 @@ class Attention(nn.Module):
         # (B, L, D) -> (B, heads, L, D / heads)
         q = self.q(x).view(B, L, self.heads, -1).transpose(1, 2)
         k, v = self.key_value(x) if kv is None else kv
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = attention(q, k, v)
         y = y.transpose(1, 2).reshape(B, L, D)
         return self.out_dropout(self.out(y))
 
@@ -140,8 +257,7 @@ class GEGLU(nn.Module):
         self.proj_out = nn.Linear(inner, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj_in(x).chunk(2, dim=-1)
-        return self.proj_out(self.dropout(value * F.gelu(gate)))
+        return self.proj_out(self.dropout(geglu_product(self.proj_in(x))))
 
 
 class GlobalResponseNorm(nn.Module):
@@ -211,8 +327,8 @@ class TextAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, kv: tuple[KeyValue, KeyValue]) -> torch.Tensor:
         B, H, W, C = x.shape
         x = x.reshape(B, H * W, C)
-        x = x + self.attn1(self.norm1(x), kv[0])
-        x = x + self.attn2(self.norm2(x), kv[1])
+        x = x + attend_normed(self.attn1, self.norm1, x, kv=kv[0])
+        x = x + attend_normed(self.attn2, self.norm2, x, kv=kv[1])
         return x.view(B, H, W, C)
 
 
@@ -294,8 +410,8 @@ class TransformerLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cond: LayerConditioning) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x, cond.attn))
-        x = x + self.cross_attn(self.cross_norm(x, cond.cross), cond.text)
+        x = x + attend_normed(self.attn, self.attn_norm, x, cond.attn)
+        x = x + attend_normed(self.cross_attn, self.cross_norm, x, cond.cross, kv=cond.text)
         x = x + self.ff(self.ff_norm(x, cond.ff))
         return x
 
@@ -430,7 +546,7 @@ class UViT(nn.Module):
 
     def _run(self, fn: Callable, *args) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
+            return checkpoint(_in_checkpoint(fn), *args, use_reentrant=False)
         return fn(*args)
 
     def conditioned_blocks(self) -> list[nn.Module]:
