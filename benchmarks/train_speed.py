@@ -8,8 +8,8 @@ image (batch 1: it reads every image once): loading, the first step's allocation
 and the final save cancel. Runs alternate (ours N, reference N, ours short, reference short, then again) so that a
 machine whose speed drifts slows both alike; the table gives the median over the alternations and the spread
 (min-max).
-Peak memory: the resident-set peak of the N-step runs: the larger of the process's own (its ru_maxrss, read with
-os.wait4) and the peak of the RSS summed over the process and any children (data-loader workers, say), sampled
+Peak memory: the resident-set peak of the N-step runs: the larger of the process's own (its VmHWM, which the child
+reads at exit; not the ru_maxrss of os.wait4, which on Linux starts at this parent's peak at the fork) and the peak of the RSS summed over the process and any children (data-loader workers, say), sampled
 every 50 ms; and on CUDA, torch.cuda.max_memory_allocated at the process's exit. The models have random weights
 (only the shapes matter): a published-layout folder per model is written once under --work_dir by our exporter, beside --images
 square images at the resolution whose file names are the prompts (what --instance_data_dir reads, in both scripts).
@@ -93,7 +93,7 @@ def run_child(args) -> None:
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             peak = torch.cuda.max_memory_allocated() / 2**20
-        Path(args.peak_file).write_text(json.dumps({"cuda_max_allocated_mb": peak}))
+        Path(args.peak_file).write_text(json.dumps({"cuda_max_allocated_mb": peak, "vm_hwm_mb": own_peak_rss_mb()}))
 
     atexit.register(write_peak)
     sys.argv = [args.impl] + args.rest
@@ -102,6 +102,17 @@ def run_child(args) -> None:
     else:
         sys.path.insert(0, str(Path(args.impl).parent))
         runpy.run_path(args.impl, run_name="__main__")
+
+
+def own_peak_rss_mb() -> float | None:
+    """This process's resident-set peak (Linux VmHWM), None where /proc cannot tell. Unlike the ru_maxrss a parent
+    reads with wait4, it starts at exec: Linux gives a forked child the parent's peak and keeps it across exec, so
+    a benchmark process that had just written a 603M-parameter model lent its own peak to the next runs' ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 # --- the parent -------------------------------------------------------------------------------------------------------
@@ -184,10 +195,11 @@ def measure(impl: str, argv: list[str], work: Path, device: str, timeout: float,
         print(tail, file=sys.stderr)
         return {"error": f"exit {code}"}
     peak = json.loads(peak_file.read_text()) if peak_file.is_file() else {}
+    own = peak.pop("vm_hwm_mb", None)  # its own peak from exec on; ru_maxrss would include this process's at fork
     return {
         "seconds": seconds,
-        # its own peak (which covers a child's only as the larger of the two), or its tree's, summed, if higher
-        "peak_rss_mb": max(usage.ru_maxrss / 1024, tree_peak),
+        # its own peak, or its tree's (data-loader workers), summed, if higher
+        "peak_rss_mb": max(own if own is not None else usage.ru_maxrss / 1024, tree_peak),
         **{k: v for k, v in peak.items() if v is not None},
     }
 

@@ -38,14 +38,14 @@ def inputs(cfg: UViTConfig, batch: int = BATCH, seed: int = 0):
 
 def step(model: UViT, save_less: bool, monkeypatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """(loss, gradients by name, bytes the forward leaves held for the backward: the caching allocator's count of
-    blocks in use after the forward less before it, which sees every tensor of 64 KiB or more)."""
+    bytes requested in use after the forward less before it, which sees every tensor of 64 KiB or more)."""
     monkeypatch.setattr(model_module, "SAVE_LESS", save_less)
     model.zero_grad(set_to_none=True)
     ids, labels, text, pooled, micro = inputs(model.config)
     with cpu_cache.caching():
-        before = cpu_cache.stats().in_use
+        before = cpu_cache.stats().requested
         loss = masked_cross_entropy(model(ids, text, pooled, micro).permute(0, 2, 3, 1), labels)
-        held = cpu_cache.stats().in_use - before
+        held = cpu_cache.stats().requested - before
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, held
@@ -114,3 +114,29 @@ def test_inference_is_untouched_by_save_less_autograd(monkeypatch):
             outs.append(model(ids, text, pooled, micro))
         outs.append(model(ids, text, pooled, micro))  # with autograd recording: the save-less forward
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+@needs_compiler
+def test_recomputing_the_attention_inputs_gives_the_same_gradients_and_holds_no_q_k_v(monkeypatch):
+    """UViT.enable_attention_recompute (what LoRA training turns on): the norm, q, k, v and the attention run again
+    in the backward; the gradients stay plain autograd's, bit for bit, and no attention's queries (nor a
+    self-attention's keys and values) are held."""
+    torch.manual_seed(0)
+    model = UViT(UViTConfig.tiny(**CONFIG)).train()
+    inject_lora(model, ["to_q", "to_k", "to_v"], 4, 8, namer=module_namer(model))
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    plain_loss, plain_grads, _ = step(model, False, monkeypatch)
+    _, _, save_less = step(model, True, monkeypatch)
+    loss, grads, recomputing = step(model.enable_attention_recompute(), True, monkeypatch)
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys()
+    different = [n for n in grads if not torch.equal(grads[n], plain_grads[n])]
+    assert not different, different
+    cfg = model.config
+    # per transformer layer the self-attention's q, k, v and the cross-attention's q; per text-block attention its
+    # q, but the first one's (its input is the frozen blocks' output: nothing saves it there)
+    widths = cfg.num_hidden_layers * 4 * cfg.hidden_size + (2 * cfg.num_res_blocks * 2 - 1) * cfg.block_out_channels
+    assert save_less - recomputing == BATCH * cfg.sample_size**2 * 4 * widths

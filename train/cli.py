@@ -124,6 +124,21 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument(
+        "--recompute_attention",
+        action="store_const",
+        const=True,
+        default=None,
+        help="(ours) recompute the U-ViT attentions' q, k and v in the backward instead of saving them: the same "
+        "gradients, less memory, three more projections per attention. Automatic by default: on with --use_lora",
+    )
+    g.add_argument(
+        "--no_recompute_attention",
+        dest="recompute_attention",
+        action="store_const",
+        const=False,
+        help="(ours) save the attentions' q, k and v (faster, more memory)",
+    )
+    g.add_argument(
         "--compile",
         action="store_true",
         help="(ours) torch.compile the U-ViT's training step: faster after the first steps, which compile; "

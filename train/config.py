@@ -82,6 +82,9 @@ class TrainConfig:
     mixed_precision: str | None = None  # no | fp16 | bf16
     allow_tf32: bool = False
     gradient_checkpointing: bool = False
+    # ours: recompute the attentions' q, k and v in the backward instead of saving them (the same gradients; less
+    # memory, three more projections per attention). None (automatic): on with LoRA (train.loop.recompute_attention)
+    recompute_attention: bool | None = None
     # ours: torch.compile the U-ViT for the training step (the same computation, fused kernels: rounding may differ
     # from the eager step's; the first steps compile; on a CPU it needs a C++ compiler)
     compile: bool = False

@@ -4,7 +4,8 @@ Why. A training step allocates and frees the same tensors in the same order ever
 from one arena in which the saved activations (live until the backward) and the step's temporaries interleave: freed
 holes seldom fit the next request, and the heap grows well past what is live at once (docs/training.md, "Where the
 LoRA peak goes"). `caching()` makes torch's CPU allocator one that keeps each freed block of 64 KiB or more in a free
-list of its size class (eight per power of two) and hands it to the next request of that class. From the second step
+list of its size class (eight per power of two) and hands it to the next request of that class or of one at most a
+quarter smaller (so that tensors whose size varies from step to step, the loss's masked rows, share blocks). From the second step
 on the step's memory is the sum over size classes of the blocks in use at once, and no block is returned to the
 system and faulted in again. Values are untouched: the allocator decides only where a tensor lives.
 
@@ -69,21 +70,36 @@ def available() -> bool:
     return _load() is not None
 
 
+def return_free_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing): after freeing a
+    phase's networks, so that their holes are not resident beside what comes next. Whether it could."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 @dataclass(frozen=True)
 class Stats:
-    """Bytes held by the caching allocator: `reserved` (in use or idle), `in_use`, and `peak` in use since the
-    previous `stats()` call."""
+    """Bytes held by the caching allocator: `reserved` (in use or idle), `in_use`, `peak` in use since the
+    previous `stats()` call, and `requested`, the bytes asked for of the blocks in use (each block is at most a
+    size class, 12.5%, larger, or a quarter more when it was idle at a larger class)."""
 
     reserved: int
     in_use: int
     peak: int
+    requested: int
 
 
 def stats() -> Stats:
     lib = _load()
     if lib is None:
-        return Stats(0, 0, 0)
-    out = (ctypes.c_uint64 * 3)()
+        return Stats(0, 0, 0, 0)
+    out = (ctypes.c_uint64 * 4)()
     lib.muse_cpu_cache_stats(out)
     return Stats(*out)
 

@@ -159,6 +159,7 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        cpu_cache.return_free_heap()  # the encoders' freed heap, which the U-ViT's loading would not fill
         if loaded_here:
             uvit_only = load_networks(cfg, ("transformer",))  # its tokenizer is dropped with it
             components.transformer, components.scheduler_config = uvit_only.transformer, uvit_only.scheduler_config
@@ -341,6 +342,9 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
         if stepper is not None:
             stepper.remove()
         result.memory = monitor.stop()
+        if caching:  # what the caching allocator held at the end: blocks in use and idle, and the loop's peak in use
+            held = cpu_cache.stats()
+            result.memory |= {"cpu_cache_reserved_mb": round(held.reserved / 2**20, 1)}
         log.info("memory: %s", " ".join(f"{k}={v}" for k, v in result.memory.items()))
 
     # --- the end: a last checkpoint, then the trained weights (EMA if on) ---------------------------------------------
@@ -410,7 +414,16 @@ def prepare_transformer(cfg: TrainConfig, transformer, device):
         transformer.requires_grad_(True).to(device, torch.float32)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    elif recompute_attention(cfg):
+        transformer.enable_attention_recompute()
+        log.info("attention inputs recomputed in the backward (--no_recompute_attention: saved)")
     return transformer.train()
+
+
+def recompute_attention(cfg: TrainConfig) -> bool:
+    """Whether the U-ViT's attentions recompute q, k and v in the backward (uvit.model.attend_normed): as set, else
+    with LoRA, whose step computes no weight gradients, so that what it saves is mostly activations."""
+    return cfg.use_lora if cfg.recompute_attention is None else cfg.recompute_attention
 
 
 def prepare_text_encoder(cfg: TrainConfig, text_encoder, device):

@@ -184,13 +184,24 @@ def _in_checkpoint(fn: Callable) -> Callable:
 
 
 def attend_normed(attn: "Attention", norm: nn.Module, x: torch.Tensor, *norm_args, kv=None) -> torch.Tensor:
-    """attn(norm(x, *norm_args), kv). In training, where autograd saves the normed input for the backward (the LoRA
-    adapters of q, k and v need it, or trained q, k, v weights), it saves instead what recomputes it, x and the
-    norm's arguments, and recomputes it when the backward reads it: the same ops, the same values. Only where x
-    requires a gradient, so that the norm saves x anyway (the residual stream after the first trained block)."""
+    """attn(norm(x, *norm_args), kv), saving less for the backward where autograd records and x requires a gradient
+    (so that the norm's backward keeps x anyway: the residual stream after the first trained block). Either
+
+    - `attn.recompute_inputs`: the norm, the q, k, v projections and the attention run again in the backward (a
+      gradient checkpoint of everything before the output projection): only x, the norm's arguments and kv are
+      kept, for three more projections per attention in the backward; or
+    - by default, the normed input, which the LoRA adapters of q, k and v (or trained q, k, v weights) save, is saved
+      as what recomputes it (x and the norm's arguments) and recomputed when the backward reads it.
+
+    The same ops either way, so the same values and gradients."""
+    if not _records(x) or _checkpointed:
+        return attn(norm(x, *norm_args), kv)
+    if attn.recompute_inputs:
+        heads = checkpoint(
+            _in_checkpoint(lambda x, *a: attn.attend(norm(x, *a), kv)), x, *norm_args, use_reentrant=False
+        )
+        return attn.project(heads)
     h = norm(x, *norm_args)
-    if not _records(x) or _checkpointed:  # x requires a gradient: the norm saves it, the recipe costs nothing
-        return attn(h, kv)
     storage, version = h.untyped_storage().data_ptr(), h._version
 
     def pack(t: torch.Tensor):
@@ -229,6 +240,8 @@ class Attention(nn.Module):
         self.v = nn.Linear(context_dim, dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
         self.out_dropout = nn.Dropout(dropout)
+        # training: recompute q, k, v (and the normed input) in the backward instead of saving them (attend_normed)
+        self.recompute_inputs = False
 
     def key_value(self, context: torch.Tensor) -> KeyValue:
         """context (B, L, context_dim) -> keys and values (B, heads, L, D / heads) each."""
@@ -238,13 +251,19 @@ class Attention(nn.Module):
         return KeyValue(k, v)
 
     def forward(self, x: torch.Tensor, kv: KeyValue | None = None) -> torch.Tensor:
-        B, L, D = x.shape
-        # (B, L, D) -> (B, heads, L, D / heads)
-        q = self.q(x).view(B, L, self.heads, -1).transpose(1, 2)
+        return self.project(self.attend(x, kv))
+
+    def attend(self, x: torch.Tensor, kv: KeyValue | None = None) -> torch.Tensor:
+        """x (B, L, D) -> the heads' attention outputs (B, heads, L, D / heads), before the output projection."""
+        B, L, _ = x.shape
+        q = self.q(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, L, D) -> (B, heads, L, D / heads)
         k, v = self.key_value(x) if kv is None else kv
-        y = attention(q, k, v)
-        y = y.transpose(1, 2).reshape(B, L, D)
-        return self.out_dropout(self.out(y))
+        return attention(q, k, v)
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (B, heads, L, D / heads) -> merged (B, L, D) -> output projection (and dropout)."""
+        B, _, L, _ = y.shape
+        return self.out_dropout(self.out(y.transpose(1, 2).reshape(B, L, -1)))
 
 
 class GEGLU(nn.Module):
@@ -542,6 +561,14 @@ class UViT(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "UViT":
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.gradient_checkpointing = enabled
+        return self
+
+    def enable_attention_recompute(self, enabled: bool = True) -> "UViT":
+        """In training, recompute every attention's q, k and v in the backward instead of saving them (see
+        `attend_normed`): less memory for three more projections per attention, the same gradients."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.recompute_inputs = enabled
         return self
 
     def _run(self, fn: Callable, *args) -> torch.Tensor:

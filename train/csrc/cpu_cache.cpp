@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -40,13 +41,13 @@ class CachingCPUAllocator final : public c10::Allocator {
       return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
     }
     const size_t size = size_class(n);
-    void* p = take_idle(size);
+    void* p = take_idle(size, n);
     if (p == nullptr) {
       p = c10::alloc_cpu(size);
       std::lock_guard<std::mutex> lock(mutex_);
       block_size_[p] = size;
       reserved_ += size;
-      count_in_use(size);
+      count_in_use(p, size, n);
     }
     return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -79,30 +80,37 @@ class CachingCPUAllocator final : public c10::Allocator {
     free_idle_locked();
   }
 
-  // reserved (blocks held, in use or idle), in use, peak in use since the last call; bytes.
+  // reserved (blocks held, in use or idle), in use, peak in use since the last call, and the bytes requested of the
+  // blocks in use (at most their size); bytes.
   void stats(uint64_t* out) {
     std::lock_guard<std::mutex> lock(mutex_);
     out[0] = reserved_;
     out[1] = in_use_;
     out[2] = peak_;
+    out[3] = requested_;
     peak_ = in_use_;
   }
 
  private:
   static void release(void* p);
 
-  void* take_idle(size_t size) {
+  // An idle block of the smallest class from `size` to a quarter more, or nullptr.
+  void* take_idle(size_t size, size_t requested) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = idle_.find(size);
-    if (it == idle_.end() || it->second.empty()) return nullptr;
-    void* p = it->second.back();
-    it->second.pop_back();
-    count_in_use(size);
-    return p;
+    for (auto it = idle_.lower_bound(size); it != idle_.end() && it->first <= size + size / 4; ++it) {
+      if (it->second.empty()) continue;
+      void* p = it->second.back();
+      it->second.pop_back();
+      count_in_use(p, it->first, requested);
+      return p;
+    }
+    return nullptr;
   }
 
-  void count_in_use(size_t size) {
+  void count_in_use(void* p, size_t size, size_t requested) {
     in_use_ += size;
+    requested_ += requested;
+    requested_of_[p] = requested;
     if (in_use_ > peak_) peak_ = in_use_;
   }
 
@@ -112,12 +120,14 @@ class CachingCPUAllocator final : public c10::Allocator {
       auto it = block_size_.find(p);
       if (it != block_size_.end()) {
         in_use_ -= it->second;
+        requested_ -= requested_of_[p];
         if (caching_) {
           idle_[it->second].push_back(p);
           return;
         }
         reserved_ -= it->second;
         block_size_.erase(it);
+        requested_of_.erase(p);
       }
     }
     c10::free_cpu(p);  // a small block, or a cached one once caching is off
@@ -127,6 +137,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     for (auto& [size, blocks] : idle_) {
       for (void* p : blocks) {
         block_size_.erase(p);
+        requested_of_.erase(p);
         reserved_ -= size;
         c10::free_cpu(p);
       }
@@ -137,9 +148,10 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::mutex mutex_;
   bool caching_ = false;
   c10::Allocator* previous_ = nullptr;
-  std::unordered_map<size_t, std::vector<void*>> idle_;  // size class -> blocks not in use
+  std::map<size_t, std::vector<void*>> idle_;            // size class -> blocks not in use
   std::unordered_map<void*, size_t> block_size_;         // every cached-size block made here -> its size class
-  size_t reserved_ = 0, in_use_ = 0, peak_ = 0;
+  std::unordered_map<void*, size_t> requested_of_;       // a block in use -> the bytes asked for
+  size_t reserved_ = 0, in_use_ = 0, peak_ = 0, requested_ = 0;
 };
 
 CachingCPUAllocator* the_allocator() {
