@@ -19,8 +19,9 @@ Rows: the published recipes at batch 1, accumulation 1 (full fine-tune, full + 8
 rates; without gradient checkpointing, which the reference's script crashes on), run with the reference's flags by
 both. With those flags ours pre-encodes by itself (VQ tokens and text embeddings computed once, the VQ-GAN and text
 encoder freed before training), since the images have a single crop and every run reads them all; see
-train.loop.choose_pre_encode. Then what only ours runs: LoRA with --gradient_checkpointing, and the recipes with
---no_pre_encode, the reference's step op for op (the frozen encoders run in every step).
+train.loop.choose_pre_encode. Then what only ours runs: LoRA with --gradient_checkpointing, LoRA with
+--no_recompute_attention (ours' LoRA default recomputes the attentions' inputs: this row prices that), and the recipes
+with --no_pre_encode, the reference's step op for op (the frozen encoders run in every step).
 
     python benchmarks/train_speed.py --reference PATH/train_amused.py             # CPU: amused-256 and -512, all rows
     python benchmarks/train_speed.py --reference PATH --models 256 --rows lora --steps 5 --alternations 3
@@ -61,6 +62,7 @@ ROWS = {
     "full-8bit": (FULL_8BIT, True),
     "lora": (LORA, True),
     "lora-gradient-checkpointing": ([*LORA, "--gradient_checkpointing"], False),
+    "lora-no-recompute-attention": ([*LORA, "--no_recompute_attention"], False),
     "full-no-pre-encode": ([*FULL, "--no_pre_encode"], False),
     "full-8bit-no-pre-encode": ([*FULL_8BIT, "--no_pre_encode"], False),
     "lora-no-pre-encode": ([*LORA, "--no_pre_encode"], False),
@@ -69,6 +71,7 @@ ROWS = {
 # reference does not have). Not paired within an alternation: the ratio of the two rows' medians.
 RECIPE_OF = {
     "lora-gradient-checkpointing": "lora",
+    "lora-no-recompute-attention": "lora",
     "full-no-pre-encode": "full",
     "full-8bit-no-pre-encode": "full-8bit",
     "lora-no-pre-encode": "lora",
@@ -504,12 +507,50 @@ def profile_rows(args, work: Path, out_dir: Path) -> None:
 # --- micro: the effect of single changes, each A/B in one process ------------------------------------------------------
 
 
+def lora_step_with_attention_recompute():
+    """Two LoRA steps of the amused-256 U-ViT (the recipe's adapters and fused AdamW; random weights and inputs, on
+    the caching allocator as in the loop): its attentions' inputs saved, and recomputed in the backward."""
+    import torch
+
+    from convert.lora import module_namer
+    from train import cpu_cache
+    from train.masking import masked_cross_entropy
+    from uvit import UViT, UViTConfig
+    from uvit.lora import inject_lora
+
+    cfg = UViTConfig.amused_256()
+    model = UViT(cfg)
+    inject_lora(model, ["to_q", "to_k", "to_v"], 16, 32, namer=module_namer(model))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=8e-4, fused=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.codebook_size, (1, 16, 16), generator=g)
+    text, pooled = torch.randn(1, 77, cfg.encoder_hidden_size, generator=g), torch.randn(1, cfg.cond_embed_dim)
+    micro_conds = torch.tensor([[256.0, 256, 0, 0, 6]])
+
+    def step(recompute: bool):
+        def run():
+            model.enable_attention_recompute(recompute)
+            masked = torch.rand(1, 16, 16, generator=g) < 0.5
+            inputs, labels = ids.masked_fill(masked, cfg.mask_token_id), ids.masked_fill(~masked, -100)
+            with cpu_cache.caching():
+                logits = model(inputs, text, pooled, micro_conds).permute(0, 2, 3, 1)
+                masked_cross_entropy(logits, labels).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    return step(False), step(True)
+
+
 def micro(args, out_dir: Path) -> Path:
     """Single changes measured side by side (alternating A and B, median of --micro_repeats), at the sizes of the
     amused-256 step: the memory sampler's interval (5 ms as before, 0.25 s now) beside a stretch of matmuls of the
     transformer's shapes; one LoRA layer (1024 -> 1024, rank 16, 256 tokens) forward and backward with the scaling
     on the out-wide update (as before) or on the rank-wide intermediate (now); the 8-bit AdamW update of one
-    GEGLU-sized parameter (5632 x 1024), bitsandbytes' own CPU update or the fused one (train/adamw8bit.py)."""
+    GEGLU-sized parameter (5632 x 1024), bitsandbytes' own CPU update or the fused one (train/adamw8bit.py); a whole
+    LoRA step of amused-256 with its attentions' inputs saved or recomputed (change 11 in docs/training.md)."""
     import bitsandbytes.functional as bnbF
     import torch
 
@@ -569,6 +610,7 @@ def micro(args, out_dir: Path) -> Path:
 
         return run
 
+    recompute_off, recompute_on = lora_step_with_attention_recompute()
     cases = {
         "memory sampler during 12 matmuls (256x1024 @ 1024x5632)": (
             with_monitor(0.005),
@@ -587,6 +629,12 @@ def micro(args, out_dir: Path) -> Path:
             adam8(True),
             "bitsandbytes' CPU update",
             "fused (train/adamw8bit.py)",
+        ),
+        "LoRA step of the amused-256 U-ViT (batch 1, 256 tokens; random weights and inputs)": (
+            recompute_off,
+            recompute_on,
+            "attention inputs saved",
+            "recomputed (change 11)",
         ),
     }
     if not adamw8bit.available():
