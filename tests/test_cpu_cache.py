@@ -78,6 +78,20 @@ def test_leaving_puts_torch_allocator_back_and_frees_the_idle_blocks():
     del outside
 
 
+@needs_compiler
+def test_nested_blocks_keep_caching_until_the_outer_one_ends():
+    with cpu_cache.caching():
+        with cpu_cache.caching() as inner:
+            assert inner
+        held = cpu_cache.stats().in_use
+        x = torch.empty(MiB)  # still from the caching allocator after the inner block ended
+        assert cpu_cache.stats().in_use == held + 4 * MiB
+        del x
+    y = torch.empty(MiB)  # the outer block ended: torch's own
+    assert cpu_cache.stats().in_use == held
+    del y
+
+
 def test_without_a_compiler_torch_allocator_is_used(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_cache, "_lib", None)  # as if never loaded in this process
     monkeypatch.setenv("MUSE_CACHE", str(tmp_path))  # no cached build to fall back on

@@ -113,7 +113,8 @@ def empty() -> None:
 @contextlib.contextmanager
 def caching(enabled: bool = True) -> Iterator[bool]:
     """Inside, torch's CPU tensors come from the caching allocator (when `enabled` and it builds); yields whether
-    they do. On exit the previous allocator is put back and the idle blocks are freed."""
+    they do. On exit from the outermost such block the previous allocator is put back and the idle blocks are
+    freed."""
     lib = _load() if enabled else None
     if lib is None or not lib.muse_cpu_cache_enable():
         yield False

@@ -56,10 +56,11 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 
-  // Make this torch's CPU allocator (remembering the one it replaces), or put that one back and free the idle blocks.
+  // Make this torch's CPU allocator (remembering the one it replaces), or, at the last of nested disables, put that
+  // one back and free the idle blocks.
   bool enable() {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!caching_) {
+    if (depth_++ == 0) {
       c10::Allocator* current = c10::GetCPUAllocator();
       if (current != this) previous_ = current;
       c10::SetCPUAllocator(this, kPriority);
@@ -70,7 +71,8 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void disable() {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (caching_ && previous_ != nullptr) c10::SetCPUAllocator(previous_, kPriority);
+    if (depth_ == 0 || --depth_ > 0) return;
+    if (previous_ != nullptr) c10::SetCPUAllocator(previous_, kPriority);
     caching_ = false;
     free_idle_locked();
   }
@@ -147,6 +149,7 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   std::mutex mutex_;
   bool caching_ = false;
+  int depth_ = 0;  // enables not yet disabled (nested `caching()` blocks)
   c10::Allocator* previous_ = nullptr;
   std::map<size_t, std::vector<void*>> idle_;            // size class -> blocks not in use
   std::unordered_map<void*, size_t> block_size_;         // every cached-size block made here -> its size class
