@@ -140,3 +140,49 @@ def test_recomputing_the_attention_inputs_gives_the_same_gradients_and_holds_no_
     # q, but the first one's (its input is the frozen blocks' output: nothing saves it there)
     widths = cfg.num_hidden_layers * 4 * cfg.hidden_size + (2 * cfg.num_res_blocks * 2 - 1) * cfg.block_out_channels
     assert save_less - recomputing == BATCH * cfg.sample_size**2 * 4 * widths
+
+
+def test_bf16_autocast_trains_the_cpu_attention_in_fp32():
+    """Under CPU autocast the projections run in bf16 but the attention itself in fp32 (its bf16 backward kernel is
+    several times slower on the CPU, docs/training.md): every flash-attention op, forward and backward, sees fp32
+    inputs, and the gradients stay those of fp32 training within bf16's rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    flash = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+    }
+
+    class AttentionDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in flash:
+                self.seen.append((func.__name__, args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = UViT(UViTConfig.tiny(**CONFIG)).train()
+    ids, labels, text, pooled, micro = inputs(model.config)
+
+    def grads(bf16: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids, text, pooled, micro)
+        masked_cross_entropy(logits.float().permute(0, 2, 3, 1), labels).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = grads(bf16=False)
+    with AttentionDtypes() as mode:
+        mixed = grads(bf16=True)
+    names = {name for name, _ in mode.seen}
+    assert len(names) == 2 and len(mode.seen) >= 2 * len(model.layers)  # forward and backward, every layer
+    assert all(dtype == torch.float32 for _, dtype in mode.seen), mode.seen
+    assert reference.keys() == mixed.keys()
+    for name, g in reference.items():
+        # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per product input); through a few layers that is a
+        # few percent of a gradient's scale
+        err = (mixed[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err < 0.1, (name, err.item())

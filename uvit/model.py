@@ -160,9 +160,16 @@ _FLASH = int(SDPBackend.FLASH_ATTENTION)
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v: q (B, heads, L, head_dim), k and v (B, heads, S, head_dim) -> (B, heads, L,
-    head_dim), through F.scaled_dot_product_attention (on the CPU in training: the same kernel, saving less)."""
-    if q.device.type == "cpu" and _records(q, k, v) and torch._fused_sdp_choice(q, k, v) == _FLASH:
-        return _CPUFlashAttention.apply(q, k, v)
+    head_dim), through F.scaled_dot_product_attention (on the CPU in training: the same kernel, saving less, and in
+    fp32 when the inputs are bf16)."""
+    if q.device.type == "cpu" and _records(q, k, v):
+        if q.dtype == torch.bfloat16:
+            # the CPU flash kernel's bf16 backward is several times slower than its fp32 one (docs/training.md): train
+            # the attention itself in fp32 under autocast; the projections around it stay in bf16
+            with torch.autocast("cpu", enabled=False):
+                return attention(q.float(), k.float(), v.float()).to(q.dtype)
+        if torch._fused_sdp_choice(q, k, v) == _FLASH:
+            return _CPUFlashAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
