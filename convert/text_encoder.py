@@ -137,8 +137,9 @@ def has_tokenizer_files(folder: Path) -> bool:
 
 
 def load_tokenizer(folder: str | Path | None):
-    """A transformers `CLIPTokenizer` that pads with <|endoftext|> to 77. `folder` may hold either file form; when
-    it is None or holds neither, the tokenizer is rebuilt offline from open_clip's bundled merges."""
+    """A transformers `CLIPTokenizer` that pads with <|endoftext|> to 77 (or to the shorter length the folder
+    declares). `folder` may hold either file form; when it is None or holds neither, the tokenizer is rebuilt offline
+    from open_clip's bundled merges."""
     folder = Path(folder) if folder is not None else None
     if folder is None or not has_tokenizer_files(folder):
         where = f"{folder} has no tokenizer files" if folder is not None else "no tokenizer folder"
@@ -156,7 +157,9 @@ def _amused_padding(tokenizer, folder):
     if tokenizer.pad_token != EOS:
         log.warning("%s: tokenizer pads with %r; aMUSEd pads with %r, using that", folder, tokenizer.pad_token, EOS)
         tokenizer.pad_token = EOS
-    if tokenizer.model_max_length != MODEL_MAX_LENGTH:
+    if not 1 <= tokenizer.model_max_length <= MODEL_MAX_LENGTH:
+        # unset (transformers' 1e30) or longer than CLIP's positions; a shorter declared context is kept, as the
+        # reference pipelines keep it (the embedded model's CPU recipe declares 16)
         log.warning(
             "%s: tokenizer model_max_length %s, aMUSEd uses %d", folder, tokenizer.model_max_length, MODEL_MAX_LENGTH
         )

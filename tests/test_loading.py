@@ -288,6 +288,34 @@ def test_tokenizer_loads_from_vocab_and_merges_and_without_files(tmp_path, refer
     assert torch.equal(tokens(load_tokenizer(empty)), ref)
 
 
+@pytest.mark.parametrize("declared, kept", [(16, 16), (77, 77), (1000, 77)])
+def test_tokenizer_keeps_a_shorter_declared_context_as_the_reference_does(tmp_path, declared, kept, caplog):
+    """A folder's tokenizer_config.json may declare a context shorter than CLIP's 77 positions (the embedded model's
+    CPU recipe declares 16); the reference pipelines pad to the declared length, so ours do too. A longer one than
+    the text encoder has positions for is set to 77, with a warning."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    from convert.clip_tokenizer import write_clip_tokenizer_files
+    from convert.text_encoder import load_tokenizer
+    from muse.text import tokenize
+
+    folder = write_clip_tokenizer_files(tmp_path / "tok")
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": declared}))
+    ours = load_tokenizer(folder)
+    assert ours.model_max_length == kept
+    assert ("aMUSEd uses 77" in caplog.text) == (declared > 77)
+    prompt = ["a small red circle at the top left on a blue background"]
+    ids = tokenize(ours, prompt)
+    assert ids.shape == (1, kept)
+    if declared <= 77:  # the reference's tokenization: the folder's tokenizer, padded to its model_max_length
+        ref = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        expected = ref(prompt, padding="max_length", max_length=ref.model_max_length, truncation=True)
+        assert ids.tolist() == expected.input_ids
+
+
 def test_missing_tokenizer_folder_is_rebuilt_offline(published_dirs, tmp_path, reference_pipelines):
     import shutil
 
