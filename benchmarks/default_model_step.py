@@ -4,6 +4,7 @@ sizes, measured one after the other in this process on random inputs. Not a test
 
     python benchmarks/default_model_step.py [--recipe cpu] [--batches 32 64 128] [--threads 2] [--text-length 77]
     python benchmarks/default_model_step.py --compile [--alternations 3]    # eager against torch.compile, A B A B
+    python benchmarks/default_model_step.py --variants [--alternations 3]   # text length x bf16 x compile, alternating
 
 docs/default_model.md ("What would close it") quotes what it printed on the project's 2-core machine.
 """
@@ -87,6 +88,45 @@ def compiled_against_eager(model: UViT, inputs, steps: int, alternations: int) -
     return {"compile_seconds": compile_s, "eager": eager, "compiled": fused}
 
 
+# (text tokens, bf16 autocast, compiled): the earlier CPU recipe, then its changes one by one and together
+VARIANTS = [(77, False, False), (16, False, False), (16, True, False), (16, False, True), (16, True, True)]
+
+
+def variant_step(cfg, batch: int, text_length: int, bf16: bool, compile_it: bool):
+    """A whole training step (forward under autocast when bf16, backward, fused AdamW) of a fresh U-ViT."""
+    model = UViT(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    forward = compile_step(model, torch.device("cpu")) if compile_it else model
+    ids, text, pooled, micro = random_inputs(cfg, batch, text_length)
+    labels = ids.clamp(max=cfg.codebook_size - 1)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(ids, text, pooled, micro)
+        F.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def time_variants(cfg, batch: int, steps: int, alternations: int) -> dict:
+    """Seconds per step of each of VARIANTS, timed in turn `alternations` times (after 3 warm-up steps each, which
+    compile the compiled ones)."""
+    runs = {v: variant_step(cfg, batch, *v) for v in VARIANTS}
+    for run in runs.values():
+        for _ in range(3):
+            run()
+    times = {v: [] for v in VARIANTS}
+    for _ in range(alternations):
+        for v, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[v].append((time.perf_counter() - start) / steps)
+    return times
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
@@ -96,11 +136,22 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=320, help="samples timed per batch size (at least 3 steps)")
     p.add_argument("--compile", action="store_true", help="time torch.compile's step against the eager one instead")
     p.add_argument("--alternations", type=int, default=3, help="with --compile: eager / compiled pairs")
+    p.add_argument("--variants", action="store_true", help="time text length x bf16 autocast x compile instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = RECIPES[args.recipe]().uvit_config
     model = UViT(cfg)
+    if args.variants:
+        batch = args.batches[0]
+        times = time_variants(cfg, batch, max(3, args.samples // batch), args.alternations)
+        print(f"{args.recipe} recipe's U-ViT, batch {batch}, {args.threads} threads: seconds per step")
+        for (length, bf16, compile_it), ts in times.items():
+            name = (
+                f"{length} text tokens, {'bf16 autocast' if bf16 else 'fp32'}, {'compiled' if compile_it else 'eager'}"
+            )
+            print(f"  {name:<40}" + "  ".join(f"{t:.3f}" for t in ts) + f"   median {sorted(ts)[len(ts) // 2]:.3f}")
+        return
     if args.compile:
         batch = args.batches[0]
         r = compiled_against_eager(

@@ -127,3 +127,12 @@ def test_default_model_step_benchmark_times_the_compiled_step_beside_the_eager_o
     bench.main(["--recipe", "reduced", "--compile", "--batches", "2", "--samples", "4", "--alternations", "2"])
     out = capsys.readouterr().out
     assert "compiling took" in out and out.count("compiled / eager") == 3 and "medians:" in out
+
+
+@pytest.mark.slow
+def test_default_model_step_benchmark_times_every_variant_in_turn(capsys):
+    bench = load_script("default_model_step")
+    bench.main(["--recipe", "reduced", "--variants", "--batches", "2", "--samples", "4", "--alternations", "2"])
+    out = capsys.readouterr().out
+    assert out.count("median") == len(bench.VARIANTS) == 5
+    assert "77 text tokens, fp32, eager" in out and "16 text tokens, bf16 autocast, compiled" in out

@@ -321,3 +321,19 @@ def test_every_recipe_preset_fits_together(name):
     assert recipe.vq_train.crop_size % vq.downsample_factor == 0 and recipe.vq_train.crop_size < 64
     assert 0 <= recipe.vq_train.crop_until <= 1
     assert recipe.curve_points <= recipe.steps
+    # every caption of the prompt language fits the declared text context, start and end tokens included
+    from convert.text_encoder import load_tokenizer
+    from muse.shapes import COLOUR_NAMES, POSITION_NAMES, SHAPES, SIZE_NAMES, caption
+
+    every = [
+        caption(c, shape, b, size, pos)
+        for c in COLOUR_NAMES
+        for b in COLOUR_NAMES
+        for shape in SHAPES
+        for size in SIZE_NAMES
+        for pos in POSITION_NAMES
+        if c != b
+    ]
+    lengths = [len(ids) for ids in load_tokenizer(None)(every).input_ids]
+    longest = every[lengths.index(max(lengths))]
+    assert max(lengths) <= recipe.text_context <= 77, (longest, max(lengths))

@@ -194,6 +194,7 @@ class Recipe:
     workers: int = 4  # data loader processes of the U-ViT stage
     label_smoothing: float = 0.0
     compile: bool = False  # torch.compile the U-ViT's training step (the loop's --compile)
+    text_context: int = 77  # tokens per caption (the tokenizer's model_max_length, declared in the model folder)
     # the learning curve: the loop checkpoints the U-ViT every steps // curve_points steps (and at the end), and each
     # checkpoint's held-out adherence is measured after the run, against the wall-clock minutes at which it was
     # written (0 = only the final model is evaluated)
@@ -218,12 +219,14 @@ class Recipe:
             ),
             num_images=32_000,
             batch_size=32,
-            steps=9000,
+            steps=14_000,
             learning_rate=2e-3,
             warmup=100,
             label_smoothing=0.1,
             workers=0,
-            curve_points=9,
+            curve_points=7,
+            compile=True,
+            text_context=16,
         )
 
     @classmethod
@@ -457,7 +460,7 @@ def preflight(recipe: Recipe, device, steps: int = 10) -> dict:
     opt_u = torch.optim.AdamW(uvit.parameters())
     forward = compiled(uvit, torch.device(device)) if recipe.compile else uvit  # as the loop compiles it
     ids = torch.randint(cfg.vocab_size, (B, cfg.sample_size, cfg.sample_size), device=device)
-    text = torch.randn(B, 77, cfg.encoder_hidden_size, device=device)
+    text = torch.randn(B, recipe.text_context, cfg.encoder_hidden_size, device=device)
     pooled = torch.randn(B, cfg.cond_embed_dim, device=device)
     micro = torch.tensor([[64.0, 64.0, 0.0, 0.0, 6.0]], device=device).expand(B, -1)
     if str(device).startswith("cuda"):  # as the U-ViT stage trains: fp32 with TF32 matrix products
@@ -533,6 +536,7 @@ def build(
     report["vq"] = vq_report(vqvae, device, recipe.vq_eval_images)
     log.info("VQ-GAN: %s", report["vq"])
     tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.model_max_length = recipe.text_context  # saved with it: the model folder declares its context
 
     log.info("stage 3/4: %d training images", recipe.num_images)
     t1 = time.perf_counter()
