@@ -53,15 +53,18 @@ def forward_flop_shares(model: UViT, inputs) -> tuple[float, dict[str, float]]:
     }
 
 
-def seconds_per_step(model: UViT, inputs, steps: int) -> float:
-    """Mean seconds of `steps` whole training steps, after two warm-up steps."""
+def seconds_per_step(model: UViT, inputs, steps: int, bf16: bool = False) -> float:
+    """Mean seconds of `steps` whole training steps (the forward under CPU bf16 autocast when `bf16`), after two
+    warm-up steps."""
     cfg = model.config
     optimizer = torch.optim.AdamW(model.parameters())
     ids = inputs[0]
     labels = ids.clamp(max=cfg.codebook_size - 1)
 
     def step():
-        loss = F.cross_entropy(model(*inputs), labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(*inputs)
+        loss = F.cross_entropy(logits.float(), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -92,38 +95,20 @@ def compiled_against_eager(model: UViT, inputs, steps: int, alternations: int) -
 VARIANTS = [(77, False, False), (16, False, False), (16, True, False), (16, False, True), (16, True, True)]
 
 
-def variant_step(cfg, batch: int, text_length: int, bf16: bool, compile_it: bool):
-    """A whole training step (forward under autocast when bf16, backward, fused AdamW) of a fresh U-ViT."""
-    model = UViT(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
-    forward = compile_step(model, torch.device("cpu")) if compile_it else model
-    ids, text, pooled, micro = random_inputs(cfg, batch, text_length)
-    labels = ids.clamp(max=cfg.codebook_size - 1)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(ids, text, pooled, micro)
-        F.cross_entropy(logits.float(), labels).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return step
-
-
 def time_variants(cfg, batch: int, steps: int, alternations: int) -> dict:
-    """Seconds per step of each of VARIANTS, timed in turn `alternations` times (after 3 warm-up steps each, which
-    compile the compiled ones)."""
-    runs = {v: variant_step(cfg, batch, *v) for v in VARIANTS}
-    for run in runs.values():
-        for _ in range(3):
-            run()
+    """Seconds per step of each of VARIANTS (a fresh U-ViT each), timed in turn `alternations` times; each compiled
+    one is compiled by a first step before any timing."""
+    runs = {}
+    for length, bf16, compile_it in VARIANTS:
+        model = UViT(cfg)
+        forward = compile_step(model, torch.device("cpu")) if compile_it else model
+        runs[(length, bf16, compile_it)] = (forward, random_inputs(cfg, batch, length), bf16)
+    for forward, inputs, bf16 in runs.values():
+        seconds_per_step(forward, inputs, 1, bf16)
     times = {v: [] for v in VARIANTS}
     for _ in range(alternations):
-        for v, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            times[v].append((time.perf_counter() - start) / steps)
+        for v, (forward, inputs, bf16) in runs.items():
+            times[v].append(seconds_per_step(forward, inputs, steps, bf16))
     return times
 
 
