@@ -125,6 +125,24 @@ def test_bad_split_is_refused():
         sample_scenes(4, seed=0, split="test")
 
 
+def test_jitter_moves_the_same_scenes_off_their_grid_points():
+    """jitter=0 puts every centre on its grid point; another jitter moves the same scenes by at most that much."""
+    on_grid = sample_scenes(500, seed=3, jitter=0.0)
+    moved = sample_scenes(500, seed=3, jitter=shapes.JITTER)
+    grid = torch.tensor(shapes.domain.GRID_CENTRES)
+    rows_cols = torch.tensor([shapes.POSITIONS[shapes.POSITION_NAMES[p]] for p in on_grid.position])
+    assert torch.equal(on_grid.cx, grid[rows_cols[:, 1]]) and torch.equal(on_grid.cy, grid[rows_cols[:, 0]])
+    assert captions(on_grid) == captions(moved) and torch.equal(on_grid.shape, moved.shape)
+    offset = torch.cat([moved.cx - on_grid.cx, moved.cy - on_grid.cy])
+    assert float(offset.abs().max()) <= shapes.JITTER and float(offset.abs().max()) > 0.9 * shapes.JITTER
+
+
+@pytest.mark.parametrize("jitter", [-0.5, shapes.JITTER + 0.5])
+def test_jitter_outside_the_grid_cell_is_refused(jitter):
+    with pytest.raises(ValueError, match="jitter must be in"):
+        sample_scenes(4, seed=0, jitter=jitter)
+
+
 def test_shapes_stay_inside_the_image_border():
     """The judge reads the background off the outermost ring; no shape may reach it."""
     s = sample_scenes(3000, seed=6)

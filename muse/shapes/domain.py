@@ -119,16 +119,27 @@ class Scenes:
         return out
 
 
-def sample_scenes(n: int, seed: int, split: str = "train", mention_prob: float = 0.5, balanced: bool = False) -> Scenes:
+def sample_scenes(
+    n: int,
+    seed: int,
+    split: str = "train",
+    mention_prob: float = 0.5,
+    balanced: bool = False,
+    jitter: float = JITTER,
+) -> Scenes:
     """Draw n scenes from a split ('train' or 'heldout'), deterministically from `seed`.
 
     Triples (colour, background, shape) are uniform over the split's triples (or, when `balanced`, taken in turn, so
-    n = k * len(split) covers each triple k times); size, position and jitter are uniform; the caption mentions the
-    size and the position each with probability `mention_prob`."""
+    n = k * len(split) covers each triple k times); size, position and the centre's offset from its grid point
+    (uniform in [-jitter, jitter] pixels per axis; 0 puts every shape exactly on the grid) are uniform; the caption
+    mentions the size and the position each with probability `mention_prob`. The random draws are the same whatever
+    `jitter` is, so two calls that differ only in it give the same scenes, moved."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if not 0 <= jitter <= JITTER:  # more would bring a large shape to the outer ring the judge reads
+        raise ValueError(f"jitter must be in [0, {JITTER}] pixels, got {jitter}")
     g = torch.Generator().manual_seed(seed)
     triples = torch.tensor(
         [[COLOUR_NAMES.index(c), COLOUR_NAMES.index(b), SHAPES.index(s)] for c, b, s in SPLITS[split]]
@@ -137,7 +148,7 @@ def sample_scenes(n: int, seed: int, split: str = "train", mention_prob: float =
     pick = triples[torch.arange(n) % len(triples) if balanced else which]  # (n, 3)
     size = torch.randint(len(SIZES), (n,), generator=g)
     position = torch.randint(len(POSITIONS), (n,), generator=g)
-    jitter = (torch.rand(n, 2, generator=g) * 2 - 1) * JITTER
+    jitter = (torch.rand(n, 2, generator=g) * 2 - 1) * jitter
     mentions = torch.rand(n, 2, generator=g) < mention_prob
     rows_cols = torch.tensor(list(POSITIONS.values()))[position]  # (n, 2) as (row, col)
     centres = torch.tensor(GRID_CENTRES)
