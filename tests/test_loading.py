@@ -316,6 +316,37 @@ def test_tokenizer_keeps_a_shorter_declared_context_as_the_reference_does(tmp_pa
         assert ids.tolist() == expected.input_ids
 
 
+def test_a_prompt_longer_than_the_context_is_cut_with_a_warning_naming_it(tmp_path, caplog):
+    """The reference truncates silently; with a folder's 16-token context a user's longer prompt would lose words
+    unseen. The ids stay the reference's truncated ones; the warning names the prompt, once per tokenizer."""
+    import json
+    import logging
+
+    from transformers import CLIPTokenizer
+
+    from convert.clip_tokenizer import write_clip_tokenizer_files
+    from convert.text_encoder import load_tokenizer
+    from muse.text import tokenize
+
+    folder = write_clip_tokenizer_files(tmp_path / "tok")
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 16}))
+    ours = load_tokenizer(folder)
+    short = "a small red circle at the top left on a blue background"  # 14 tokens with start and end
+    long = "a small red circle at the top left on a blue background with a thin white border"
+    with caplog.at_level(logging.WARNING, logger="muse.text"):
+        tokenize(ours, [short])
+        assert "text context" not in caplog.text
+        ids = tokenize(ours, [short, long])
+        assert "1 of 2 prompts are longer than the model's text context of 16 tokens" in caplog.text
+        assert repr(long) in caplog.text
+        caplog.clear()
+        tokenize(ours, [long])
+        assert "text context" not in caplog.text  # once per tokenizer
+    ref = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert ids.tolist() == ref([short, long], padding="max_length", max_length=16, truncation=True).input_ids
+
+
 def test_missing_tokenizer_folder_is_rebuilt_offline(published_dirs, tmp_path, reference_pipelines):
     import shutil
 
