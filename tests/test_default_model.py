@@ -61,6 +61,19 @@ def test_the_shipped_model_fits_the_size_budget():
     assert index["format"] == "muse"
 
 
+@shipped
+def test_the_shipped_folder_is_the_shipped_recipes_model(pipe):
+    """`muse train-default` (Recipe.shipped()) writes this folder: its networks' configs, text context and sampling
+    defaults are the recipe's, so the docs' account of the recipe describes the files users load."""
+    from dataclasses import asdict
+
+    recipe = Recipe.shipped()
+    assert asdict(pipe.transformer.config) == asdict(recipe.uvit_config)
+    assert asdict(pipe.vqvae.config) == asdict(recipe.vq_config)
+    assert pipe.tokenizer.model_max_length == recipe.text_context
+    assert pipe.sampling_defaults == recipe.sampling_defaults
+
+
 @pytest.mark.slow
 @shipped
 def test_loads_without_a_path_and_generates_a_64px_image(pipe):
@@ -128,8 +141,10 @@ def test_heldout_prompt_adherence_at_default_settings(pipe):
     # and far above chance on each attribute that is always stated
     for attr in ("background", "colour"):
         assert ev.report.per_attribute[attr] > 2 * CHANCE[attr]
-    # shape is the weak attribute (docs/default_model.md), still well above chance
-    assert ev.report.per_attribute["shape"] > 1.5 * CHANCE["shape"]
+    # shape is the weak attribute (docs/default_model.md): its class (what chance is defined for) well above chance,
+    # and class and clean outline together in at least 30% of images (measured: 42.9% here, 35.7% on 168 prompts)
+    assert ev.report.shape_class > 1.5 * CHANCE["shape"], ev.report.format()
+    assert ev.report.per_attribute["shape"] >= 0.30, ev.report.format()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The recipe of the embedded default model (muse/assets/default/): trained from nothing by this repository's code.
 
-    muse train-default                          # the shipped model: writes muse/assets/default/ (GPU if there is one)
+    muse train-default --device cpu             # the shipped model: writes muse/assets/default/ (the CPU recipe)
+    muse train-default --recipe gpu             # the earlier embedded model's recipe, for a GPU
     muse train-default --recipe reduced --out /tmp/m --work /tmp/w --device cpu   # the CI-sized run
     python -m train.default_model ...           # the same command
 
@@ -45,7 +46,7 @@ from convert.ours import WEIGHTS
 from convert.safe_load import read_safetensors
 from convert.text_encoder import load_tokenizer
 from muse import Pipeline
-from muse.shapes import MODEL_DIR, captions, render, sample_scenes, stream
+from muse.shapes import JITTER, MODEL_DIR, captions, render, sample_scenes, stream
 from muse.shapes.evaluate import evaluate_adherence
 from muse.shapes.figures import figure_curve, make_figures
 from uvit import UViT, UViTConfig
@@ -170,7 +171,8 @@ def shapes_uvit_config(**overrides) -> UViTConfig:
 
 @dataclass
 class Recipe:
-    """Everything that determines the model; the defaults are the shipped model's recipe."""
+    """Everything that determines the model. The defaults are the GPU recipe's (`Recipe.gpu()`, the embedded model
+    until 2026-12-07); the shipped model is the CPU recipe's (`Recipe.shipped()` is `Recipe.cpu()`)."""
 
     seed: int = 0
     vq_config: VQGANConfig = field(default_factory=shapes_vqgan_config)
@@ -178,6 +180,9 @@ class Recipe:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     uvit_config: UViTConfig = field(default_factory=shapes_uvit_config)
     num_images: int = 64_000  # training images written for the U-ViT
+    # how far (pixels, each axis) the U-ViT's training shapes move off their grid points (muse.shapes.sample_scenes);
+    # the VQ-GAN always trains on the domain's JITTER
+    jitter: float = JITTER
     batch_size: int = 1024
     steps: int = 2800
     learning_rate: float = 2e-3
@@ -202,7 +207,12 @@ class Recipe:
 
     @classmethod
     def shipped(cls) -> "Recipe":
-        """The recipe of muse/assets/default/."""
+        """The recipe of muse/assets/default/: the CPU recipe, whose output on a 2-core CPU is the shipped folder."""
+        return cls.cpu()
+
+    @classmethod
+    def gpu(cls) -> "Recipe":
+        """The GPU recipe (batches of 1024, 2800 steps: about 9 minutes on one H100, 39 hours on a 2-core CPU)."""
         return cls()
 
     @classmethod
@@ -227,6 +237,14 @@ class Recipe:
             curve_points=7,
             compile=True,
             text_context=16,
+            # chosen on the training combinations (docs/default_model.md): 32 steps with the logits halved in
+            # temperature draw cleaner outlines than the shipped recipe's 12
+            sampling_defaults={
+                "guidance_scale": 2.0,
+                "temperature": [1.0, 0.0],
+                "num_inference_steps": 32,
+                "sampling_temperature": 0.5,
+            },
         )
 
     @classmethod
@@ -274,7 +292,7 @@ class Recipe:
         return asdict(self)
 
 
-RECIPES = {"shipped": Recipe.shipped, "cpu": Recipe.cpu, "reduced": Recipe.reduced}
+RECIPES = {"shipped": Recipe.shipped, "cpu": Recipe.cpu, "gpu": Recipe.gpu, "reduced": Recipe.reduced}
 
 
 # --- pieces ---------------------------------------------------------------------------------------------------------
@@ -307,19 +325,22 @@ def round_to(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def write_training_folder(folder: Path, num_images: int, seed: int, device="cpu", progress: bool = False) -> Path:
-    """num_images rendered training scenes as PNG files + metadata.jsonl (file_name, text). Reused when a folder
-    written with the same (num_images, seed) is there."""
+def write_training_folder(
+    folder: Path, num_images: int, seed: int, device="cpu", progress: bool = False, jitter: float = JITTER
+) -> Path:
+    """num_images rendered training scenes (`jitter`: see `muse.shapes.sample_scenes`) as PNG files +
+    metadata.jsonl (file_name, text). Reused when a folder written with the same (num_images, seed, jitter) is
+    there."""
     folder = Path(folder)
     stamp = folder / "shapes.json"
-    want = {"num_images": num_images, "seed": seed, "split": "train"}
+    want = {"num_images": num_images, "seed": seed, "split": "train", "jitter": jitter}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         log.info("training images: reusing %s", folder)
         return folder
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    scenes = sample_scenes(num_images, seed, "train")
+    scenes = sample_scenes(num_images, seed, "train", jitter=jitter)
     texts = captions(scenes)
     rows = []
     chunk = 1024
@@ -540,7 +561,7 @@ def build(
 
     log.info("stage 3/4: %d training images", recipe.num_images)
     t1 = time.perf_counter()
-    data = write_training_folder(work / "data", recipe.num_images, recipe.seed, device, progress)
+    data = write_training_folder(work / "data", recipe.num_images, recipe.seed, device, progress, recipe.jitter)
     report["data_seconds"] = round(time.perf_counter() - t1, 1)
     log.info("stage 3/4 done in %.0f s", report["data_seconds"])
 
