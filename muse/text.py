@@ -59,29 +59,30 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """prompts -> input ids (B, model_max_length), padded (with the tokenizer's pad token) and truncated, as the
     reference does; a prompt that loses words to the truncation is named in a warning (once per tokenizer)."""
     limit = tokenizer.model_max_length
-    warn_if_truncated(tokenizer, prompts, limit)
+    padded = tokenizer(prompts, padding="max_length", max_length=limit, truncation=False).input_ids
+    if all(len(ids) == limit for ids in padded):  # every prompt fits: one tokenizer call, nothing cut
+        return torch.tensor(padded)
+    warn_truncated(tokenizer, prompts, [len(ids) for ids in padded], limit)
     return tokenizer(prompts, return_tensors="pt", padding="max_length", truncation=True, max_length=limit).input_ids
 
 
-def warn_if_truncated(tokenizer, prompts: list[str], limit: int) -> None:
+def warn_truncated(tokenizer, prompts: list[str], lengths: list[int], limit: int) -> None:
     """Log a warning, the first time a tokenizer truncates, naming a prompt longer than `limit` tokens (start and end
     tokens included). A model folder may declare a short context (the embedded model reads 16 tokens), so the
     reference's silent truncation would drop words a user typed."""
     if getattr(tokenizer, "_muse_warned_truncation", False):
         return
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
     long = [(n, p) for n, p in zip(lengths, prompts) if n > limit]
-    if long:
-        n, prompt = long[0]
-        log.warning(
-            "%d of %d prompts are longer than the model's text context of %d tokens and are cut to it, e.g. %r "
-            "(%d tokens); the words past the context are not seen (warned once per tokenizer)",
-            len(long), len(prompts), limit, prompt, n,
-        )  # fmt: skip
-        try:
-            tokenizer._muse_warned_truncation = True
-        except AttributeError:  # a tokenizer object that takes no attributes warns again next time
-            pass
+    n, prompt = long[0]
+    log.warning(
+        "%d of %d prompts are longer than the model's text context of %d tokens and are cut to it, e.g. %r "
+        "(%d tokens); the words past the context are not seen (warned once per tokenizer)",
+        len(long), len(prompts), limit, prompt, n,
+    )  # fmt: skip
+    try:
+        tokenizer._muse_warned_truncation = True
+    except AttributeError:  # a tokenizer object that takes no attributes warns again next time
+        pass
 
 
 @torch.no_grad()
