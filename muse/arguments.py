@@ -84,6 +84,26 @@ def sampling_temperature(text: str) -> float | tuple[float, float]:
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 
+def refine_ratio(text: str) -> float | tuple[float, float]:
+    """A refinement masking ratio: 'R' at every pass or 'start,end' annealed over the passes; each in (0, 1]."""
+    what = "a refinement ratio is R or 'start,end' (for example 0.6,0.2)"
+    values = _finite_numbers(text, what, (1, 2))
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{what}, each in (0, 1], got {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def guidance_schedule(text: str) -> str:
     """A guidance schedule: constant, linear, cosine, power-cosine or power-cosine:<exponent> (kept as text)."""
     try:

@@ -198,6 +198,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="divides the logits before each token draw; START,END anneals it over the steps (default 1)",
     )
     p.add_argument(
+        "--refine-steps",
+        type=arguments.non_negative_int,
+        default=None,
+        help="refinement passes after decoding: re-mask some decoded tokens and put back the most likely codes "
+        "(default: the model's, else 0)",
+    )
+    p.add_argument(
+        "--refine-ratio",
+        type=arguments.refine_ratio,
+        default=None,
+        metavar="R|START,END",
+        help="share of tokens each refinement pass re-masks, in (0, 1]; START,END anneals it (default 0.3)",
+    )
+    p.add_argument(
         "--seed",
         type=arguments.seed,
         default=None,
@@ -279,6 +293,8 @@ def _options(args, pipe) -> dict:
         guidance_interval=args.guidance_interval,
         guidance_schedule=args.guidance_schedule,
         sampling_temperature=args.sampling_temperature,
+        refine_steps=args.refine_steps,
+        refine_ratio=args.refine_ratio,
     )
     return dict(
         negative_prompt=args.negative_prompt,

@@ -95,6 +95,10 @@ class SamplingOptions:
         Without guidance (guidance_scale <= 1) every step is conditional only and the interval changes nothing.
     mask_count_base: 'sequence' = masked counts are a fraction of the whole token grid (the reference), 'masked' =
         a fraction of each image's tokens masked at the start.
+    refine_steps: refinement passes after the last step (0 = none, the reference): each masks every token decoded
+        during the call with probability refine_ratio and puts back the most likely code of each masked one, the
+        rest fixed, under the last step's guidance (sampling.refine). One U-ViT evaluation per pass.
+    refine_ratio: the passes' masking probability in (0, 1], or a (start, end) pair annealed linearly over them.
     progress_bar: show a tqdm bar over the steps.
     """
 
@@ -119,6 +123,8 @@ class SamplingOptions:
     guidance_schedule: str | sampling.GuidanceSchedule = "constant"
     guidance_interval: tuple[int, int] | None = None
     mask_count_base: str = "sequence"
+    refine_steps: int = 0
+    refine_ratio: float | tuple[float, float] = 0.3
     progress_bar: bool = True
 
     @classmethod
@@ -138,6 +144,7 @@ class SamplingOptions:
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         self._check_sampling_temperature()
+        self._check_refinement()
         try:
             sampling.GuidanceSchedule.parse(self.guidance_schedule)
         except (TypeError, ValueError) as e:
@@ -218,6 +225,18 @@ class SamplingOptions:
                 raise ValueError(
                     f"sampling_temperature must be finite and > 0 (a number or a (start, end) pair), got {t!r}"
                 )
+
+    def _check_refinement(self) -> None:
+        if not _is_integer(self.refine_steps) or self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        r = self.refine_ratio
+        values = r if isinstance(r, (tuple, list)) else (r,)
+        if isinstance(r, (tuple, list)) and len(r) != 2:
+            raise ValueError(f"refine_ratio must be a number or a (start, end) pair, got {r!r}")
+        for v in values:
+            _require_finite("refine_ratio", v, whole=r)
+            if not 0.0 < float(v) <= 1.0:
+                raise ValueError(f"refine_ratio must lie in (0, 1] (a number or a (start, end) pair), got {r!r}")
 
     @property
     def guided(self) -> bool:
@@ -644,7 +663,7 @@ class Pipeline:
         sampler = opts.sampler
         state = sampler.start(tokens.reshape(B, h * w), (h, w), self.mask_token_id, opts.generator)
 
-        screen = _FiniteLogits(N)
+        screen = _FiniteLogits(N + opts.refine_steps)
         for i in tqdm(steps, desc="decoding", disable=not opts.progress_bar):
             if opts.guided_at(i):
                 logits = forward(torch.cat([tokens, tokens]), prepared)  # (2B, h, w, K)
@@ -670,7 +689,31 @@ class Pipeline:
             tokens = flat.view(B, h, w)
             if opts.callback is not None and i % opts.callback_steps == 0:
                 opts.callback(i, N - 1 - i, tokens)
+        if opts.refine_steps:
+            editable = start.tokens == self.mask_token_id  # (B, h, w): decoded during this call
+            if opts.guided_at(N - 1):  # the passes are guided as the last step was
+                rows, scale = prepared, scales[N - 1]
+            else:
+                rows, scale = (conditional if opts.guided else prepared), None
+            tokens = self._refine(tokens, editable, rows, forward, scale, screen, N, opts)
         return tokens
+
+    def _refine(self, tokens, editable, prepared, forward, scale, screen, num_steps, opts) -> torch.Tensor:
+        """The refinement passes (sampling.refine) after the decoding steps: tokens (B, h, w) -> (B, h, w). Guided
+        (2B rows) when the last decoding step was (`scale` not None), else the conditional rows alone."""
+        B, h, w = tokens.shape
+        flat, editable = tokens.reshape(B, h * w), editable.reshape(B, h * w)
+        ratios = sampling.refine_ratios(opts.refine_steps, opts.refine_ratio)
+        for j, ratio in enumerate(tqdm(ratios, desc="refining", disable=not opts.progress_bar)):
+            masked = sampling.refine_mask(editable, ratio, opts.generator)  # (B, L)
+            x = torch.where(masked, self.mask_token_id, flat).view(B, h, w)
+            if scale is not None:
+                logits = sampling.classifier_free_guidance(forward(torch.cat([x, x]), prepared), scale)
+            else:
+                logits = forward(x, prepared)  # (B, h, w, K)
+            logits = screen(logits, num_steps + j)
+            flat = sampling.refine_step(logits.reshape(B, h * w, -1), flat, masked)
+        return flat.view(B, h, w)
 
 
 def _rows(tree, rows: slice):

@@ -6,9 +6,11 @@ same order, so the same generator gives the same tokens.
 
 Samplers (`SAMPLERS`, `make_sampler`; see `sampling.samplers`) choose which positions stay masked after each step:
 "confidence" (the reference), "halton" (a 2D Halton spatial order), "random" (a uniformly random order) and
-"remask" (ReMDM-style re-masking of decoded tokens).
+"remask" (ReMDM-style re-masking of decoded tokens). Refinement passes after decoding (`sampling.refine`) revisit
+decoded tokens with the rest of the image fixed.
 """
 
+from .refine import refine_mask, refine_ratios, refine_step
 from .samplers import (
     REMASK_CHOICES,
     REMASK_STRATEGIES,
@@ -93,6 +95,9 @@ __all__ = [
     "radical_inverse",
     "random_mask",
     "random_offsets",
+    "refine_mask",
+    "refine_ratios",
+    "refine_step",
     "remask_count",
     "remask_temperatures",
     "sample_step",

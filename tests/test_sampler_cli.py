@@ -107,6 +107,10 @@ FLAGS = [
     "power-cosine:2",
     "--sampling-temperature",
     "1.5,0.5",
+    "--refine-steps",
+    "2",
+    "--refine-ratio",
+    "0.6,0.2",
     "--steps",
     "4",
     "--seed",
@@ -117,6 +121,8 @@ PASSED = dict(
     guidance_interval=(1, 3),
     guidance_schedule="power-cosine:2",
     sampling_temperature=(1.5, 0.5),
+    refine_steps=2,
+    refine_ratio=(0.6, 0.2),
     num_inference_steps=4,
 )
 
@@ -161,7 +167,15 @@ def test_the_sampling_flags_reach_the_pipeline(command, model_dir, tmp_path, mon
 def test_unset_flags_leave_the_pipelines_defaults(model_dir, tmp_path, monkeypatch):
     seen = _spy(monkeypatch, "__call__")
     assert cli.main(["generate", "a cat", "--model", model_dir, "--steps", "2", "--out", str(tmp_path / "o.png")]) == 0
-    assert not {"sampler", "guidance_interval", "guidance_schedule", "sampling_temperature"} & set(seen[0])
+    unset = {
+        "sampler",
+        "guidance_interval",
+        "guidance_schedule",
+        "sampling_temperature",
+        "refine_steps",
+        "refine_ratio",
+    }
+    assert not unset & set(seen[0])
 
 
 BAD_FLAGS = [
@@ -178,6 +192,11 @@ BAD_FLAGS = [
     (["--guidance-schedule", "power-cosine:nan"], "finite exponent"),
     (["--sampling-temperature", "0"], "each > 0, got '0'"),
     (["--sampling-temperature", "nan"], "of finite numbers, got 'nan'"),
+    (["--refine-steps", "-1"], "expected an integer >= 0, got '-1'"),
+    (["--refine-steps", "1.5"], "expected an integer >= 0, got '1.5'"),
+    (["--refine-ratio", "0"], "each in (0, 1], got '0'"),
+    (["--refine-ratio", "0.6,1.5"], "each in (0, 1], got '0.6,1.5'"),
+    (["--refine-ratio", "nan"], "of finite numbers, got 'nan'"),
 ]
 
 
@@ -492,11 +511,16 @@ def test_one_shapes_eval_run_passes_the_sampler(model_dir, tmp_path, monkeypatch
         "linear",
         "--sampling-temperature",
         "0.8,0.4",
+        "--refine-steps",
+        "1",
+        "--refine-ratio",
+        "0.5",
     ]
     assert call(argv) == 0
     assert all(
         (kw["sampler"], kw["guidance_interval"], kw["guidance_schedule"], kw["sampling_temperature"])
         == (sampling.HaltonSampler(), (0, 2), "linear", (0.8, 0.4))
+        and (kw["refine_steps"], kw["refine_ratio"]) == (1, 0.5)
         for kw in seen
     )
     assert "s per image" in capsys.readouterr().out

@@ -82,6 +82,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="constant (default), linear, cosine, power-cosine[:<exponent>]",
     )
     p.add_argument(
+        "--refine-steps",
+        type=arguments.non_negative_int,
+        default=None,
+        help="refinement passes after decoding: re-mask some decoded tokens and put back the most likely codes "
+        "(default: the model's, else 0)",
+    )
+    p.add_argument(
+        "--refine-ratio",
+        type=arguments.refine_ratio,
+        default=None,
+        metavar="R|START,END",
+        help="share of tokens each refinement pass re-masks, in (0, 1]; START,END anneals it (default 0.3)",
+    )
+    p.add_argument(
         "--split",
         default="heldout",
         choices=["heldout", "train"],
@@ -133,6 +147,8 @@ def _options(args) -> dict:
         sampler=args.sampler,
         guidance_interval=args.guidance_interval,
         guidance_schedule=args.guidance_schedule,
+        refine_steps=args.refine_steps,
+        refine_ratio=args.refine_ratio,
     )
     return {k: v for k, v in given.items() if v is not None}
 
@@ -231,6 +247,8 @@ def command_line(args) -> str:
         ("--masking-schedule", args.masking_schedule),
         ("--guidance-interval", args.guidance_interval),
         ("--guidance-schedule", args.guidance_schedule),
+        ("--refine-steps", args.refine_steps),
+        ("--refine-ratio", args.refine_ratio),
         ("--out", args.out),
         ("--doc", args.doc),
     ]
