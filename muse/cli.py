@@ -209,7 +209,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         type=arguments.refine_ratio,
         default=None,
         metavar="R|START,END",
-        help="share of tokens each refinement pass re-masks, in (0, 1]; START,END anneals it (default 0.3)",
+        help="share of the decoded tokens each refinement pass re-masks, in (0, 1]; START,END anneals it over "
+        "the passes (default: the model's, else 0.3)",
     )
     p.add_argument(
         "--seed",

@@ -73,7 +73,8 @@ class SamplingOptions:
         annealed to 0.01.
     micro_conditioning_aesthetic_score, micro_conditioning_crop_coord: micro-conditions of the U-ViT.
     output_type: "pil" (list of images), "np" (float array (N, H, W, 3) in [0, 1]), "latent" (ids (N, h, w)).
-    callback(step, timestep, tokens): called every `callback_steps` steps with the tokens (N, h, w) after the step.
+    callback(step, timestep, tokens): called every `callback_steps` steps with the tokens (N, h, w) after the step
+        (decoding steps only, not the refinement passes).
     prompt_embeds + encoder_hidden_states: precomputed text conditioning instead of `prompt` (both or neither);
     negative_prompt_embeds + negative_encoder_hidden_states: the same for the negative prompt (optional).
     Knobs beyond the reference (defaults reproduce it):
@@ -257,18 +258,24 @@ class _FiniteLogits:
     """Watches the decoding loop's (guided) logits for NaN / inf without a device sync per step: each step's logits
     get a finiteness flag computed on the device and their non-finite entries replaced by 0, so the token draw never
     sees them (torch.multinomial would fail on them, on a GPU with a device-side assert); the flags are read once,
-    at the last step, which raises if any step had non-finite logits. Finite logits pass through unchanged."""
+    at the last step (or refinement pass), which raises if any had non-finite logits. Finite logits pass through
+    unchanged. Steps are numbered 0 .. num_steps - 1, then the refinement passes num_steps .. num_steps + passes - 1."""
 
-    def __init__(self, num_steps: int):
-        self.num_steps = num_steps
+    def __init__(self, num_steps: int, passes: int = 0):
+        self.num_steps, self.passes = num_steps, passes
         self.flags: list[tuple[int, torch.Tensor]] = []
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         finite = torch.isfinite(logits).all()
         self.flags.append((step, finite))
-        if step == self.num_steps - 1:
+        if step == self.num_steps + self.passes - 1:
             self._raise_if_any()
         return logits.nan_to_num(0.0, 0.0, 0.0)
+
+    def _where(self, step: int) -> str:
+        if step < self.num_steps:
+            return f"decoding step {step + 1} of {self.num_steps}"
+        return f"refinement pass {step - self.num_steps + 1} of {self.passes}"
 
     def _raise_if_any(self) -> None:
         seen = torch.stack([flag for _, flag in self.flags]).cpu()
@@ -276,7 +283,7 @@ class _FiniteLogits:
             return
         first = self.flags[int((~seen).nonzero()[0])][0]
         raise NonFiniteLogitsError(
-            f"the U-ViT's logits became NaN or infinite (first at decoding step {first + 1} of {self.num_steps}): the "
+            f"the U-ViT's logits became NaN or infinite (first at {self._where(first)}): the "
             "model's weights or the inputs (prompt embeddings, micro-conditioning, guidance scale) hold non-finite "
             "values, or the weights' dtype overflows (try float32)"
         )
@@ -663,7 +670,7 @@ class Pipeline:
         sampler = opts.sampler
         state = sampler.start(tokens.reshape(B, h * w), (h, w), self.mask_token_id, opts.generator)
 
-        screen = _FiniteLogits(N + opts.refine_steps)
+        screen = _FiniteLogits(N, opts.refine_steps)
         for i in tqdm(steps, desc="decoding", disable=not opts.progress_bar):
             if opts.guided_at(i):
                 logits = forward(torch.cat([tokens, tokens]), prepared)  # (2B, h, w, K)

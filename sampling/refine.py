@@ -28,6 +28,8 @@ def refine_ratios(num_passes: int, ratio: float | Sequence[float] = 0.3) -> list
     `start`). Each value must lie in (0, 1]."""
     if isinstance(num_passes, bool) or not isinstance(num_passes, int) or num_passes < 0:
         raise ValueError(f"the number of refinement passes must be an integer >= 0, got {num_passes!r}")
+    if any(isinstance(r, bool) for r in (ratio if isinstance(ratio, (tuple, list)) else (ratio,))):
+        raise ValueError(f"a refinement ratio is a number or a (start, end) pair, got {ratio!r}")
     if isinstance(ratio, (tuple, list)):
         if len(ratio) != 2:
             raise ValueError(f"a refinement ratio is a number or a (start, end) pair, got {ratio!r}")

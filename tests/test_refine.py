@@ -39,7 +39,7 @@ def test_ratios_are_constant_or_annealed_linearly():
     assert sampling.refine_ratios(0, 0.3) == []
 
 
-@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, math.nan, (0.5, 0.0), (0.1, 0.2, 0.3)])
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, math.nan, True, (0.5, 0.0), (0.1, 0.2, 0.3)])
 def test_ratios_outside_zero_to_one_are_refused(ratio):
     with pytest.raises(ValueError, match="refinement ratio"):
         sampling.refine_ratios(2, ratio)
@@ -91,23 +91,30 @@ def _guided_logits(pipe, prompts, tokens, scale):
     return uncond + scale * (cond - uncond)
 
 
-def test_one_pass_is_the_argmax_of_the_guided_logits_at_its_mask(pipe):
+GUIDANCE = {
+    "constant, every step": (dict(), 10.0),
+    # every guidance schedule reaches the full scale at the last step; the interval ends with it
+    "linear schedule, interval (2, 4)": (dict(guidance_schedule="linear", guidance_interval=(2, STEPS)), 10.0),
+    "interval (0, 2): the last step unguided": (dict(guidance_interval=(0, 2)), None),
+    "no guidance": (dict(guidance_scale=1.0), None),
+}
+
+
+@pytest.mark.parametrize("case", list(GUIDANCE))
+def test_one_pass_is_the_argmax_of_the_logits_of_the_last_steps_guidance(pipe, case):
+    options, scale = GUIDANCE[case]
     prompts = ["a cat", "a dog"]
     g = gen(3)
-    decoded = pipe(prompts, generator=g, **COMMON)  # (2, h, w); g has advanced past the decoding's draws
+    decoded = pipe(prompts, generator=g, **options, **COMMON)  # (2, h, w); g has advanced past the decoding's draws
     flat = decoded.flatten(1)
     masked = sampling.refine_mask(torch.ones_like(flat, dtype=torch.bool), 0.5, g)  # the pass's draw, next on g
     x = torch.where(masked, pipe.mask_token_id, flat).view_as(decoded)
-    expected = torch.where(masked, _guided_logits(pipe, prompts, x, 10.0).argmax(-1), flat).view_as(decoded)
-    refined = pipe(prompts, generator=gen(3), refine_steps=1, refine_ratio=0.5, **COMMON)
+    logits = _guided_logits(pipe, prompts, x, 1.0 if scale is None else scale)  # scale 1: the conditional logits
+    expected = torch.where(masked, logits.argmax(-1), flat).view_as(decoded)
+    refined = pipe(prompts, generator=gen(3), refine_steps=1, refine_ratio=0.5, **options, **COMMON)
     assert masked.any() and (~masked).any()
     assert torch.equal(refined, expected)
     assert not torch.equal(refined, decoded)
-
-
-def test_no_refinement_is_the_default_call(pipe):
-    a = pipe("a cat", generator=gen(5), **COMMON)
-    assert torch.equal(a, pipe("a cat", generator=gen(5), refine_steps=0, refine_ratio=0.9, **COMMON))
 
 
 def test_inpainting_passes_never_change_the_tokens_outside_the_mask(pipe):
@@ -164,7 +171,7 @@ def test_non_finite_logits_in_a_pass_are_caught(pipe, monkeypatch):
         return logits.fill_(float("nan")) if len(calls) > STEPS else logits
 
     monkeypatch.setattr(pipe.transformer, "forward_prepared", poisoned)
-    with pytest.raises(NonFiniteLogitsError, match=f"step {STEPS + 1} of {STEPS + 2}"):
+    with pytest.raises(NonFiniteLogitsError, match="first at refinement pass 1 of 2"):
         pipe("a cat", generator=gen(0), refine_steps=2, **COMMON)
 
 

@@ -517,7 +517,7 @@ def test_one_shapes_eval_run_passes_the_sampler(model_dir, tmp_path, monkeypatch
         "0.5",
     ]
     assert call(argv) == 0
-    assert all(
+    assert seen and all(
         (kw["sampler"], kw["guidance_interval"], kw["guidance_schedule"], kw["sampling_temperature"])
         == (sampling.HaltonSampler(), (0, 2), "linear", (0.8, 0.4))
         and (kw["refine_steps"], kw["refine_ratio"]) == (1, 0.5)
