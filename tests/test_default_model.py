@@ -20,7 +20,7 @@ from convert import load_components
 from muse import DEFAULT_MODEL_DIR, Pipeline
 from muse.shapes import judge, judge_one, score, summarise
 from muse.shapes.evaluate import evaluate_adherence
-from muse.shapes.figures import figure_curve
+from muse.shapes.figures import figure_curve, figure_decoding
 from muse.shapes.judge import CHANCE
 from train.default_model import (
     RECIPES,
@@ -72,6 +72,17 @@ def test_the_shipped_folder_is_the_shipped_recipes_model(pipe):
     assert asdict(pipe.vqvae.config) == asdict(recipe.vq_config)
     assert pipe.tokenizer.model_max_length == recipe.text_context
     assert pipe.sampling_defaults == recipe.sampling_defaults
+
+
+@pytest.mark.slow
+@shipped
+def test_the_decoding_figure_has_a_frame_per_step_and_one_for_the_refinement(pipe):
+    steps = pipe.sampling_defaults.get("num_inference_steps", 12)
+    frames = steps + (1 if pipe.sampling_defaults.get("refine_steps", 0) else 0)
+    columns, scale = 8, 1  # 32 frames fill 4 rows, 33 need a fifth
+    image = figure_decoding(pipe, columns=columns, scale=scale)
+    rows = -(-frames // columns)
+    assert image.size == (columns * (64 * scale + 6) + 6, rows * (64 * scale + 16 + 6) + 6 + 18)
 
 
 @pytest.mark.slow

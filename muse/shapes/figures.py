@@ -63,34 +63,46 @@ def figure_grid(pipe, prompts=FIGURE_PROMPTS, seed: int = 0, scale: int = 2, col
 
 def figure_decoding(pipe, prompt: str = FIGURE_PROMPTS[0], seed: int = 0, scale: int = 3, columns: int = 6):
     """A PIL image of one image's decoding, step by step: after step k, the tokens known so far are shown (each token
-    is a 4x4 pixel patch of the final image) and the still-masked ones are grey."""
+    is a 4x4 pixel patch of the image the last step decodes to) and the still-masked ones are grey. When the model's
+    defaults refine after decoding (`refine_steps`), a last frame shows the refined image and how many tokens the
+    passes changed."""
     steps: list[torch.Tensor] = []
     final = pipe(
         prompt,
         generator=torch.Generator().manual_seed(seed),
         progress_bar=False,
-        output_type="np",
+        output_type="latent",
         callback=lambda i, t, tokens: steps.append(tokens[0].clone()),
-    )[0]  # (64, 64, 3)
+        callback_steps=1,
+    )[0]  # (h, w) token ids
+    passes = pipe.sampling_defaults.get("refine_steps", 0)
+    frames = [
+        (tokens, f"step {k + 1}: {int((tokens != pipe.mask_token_id).sum())}/{tokens.numel()} tokens")
+        for k, tokens in enumerate(steps)
+    ]
+    if passes:
+        changed = int((final != steps[-1]).sum())
+        frames.append((final, f"{passes} refinements: {changed} changed"))
+    with torch.no_grad():
+        decoded = pipe.vqvae.decode(torch.stack([steps[-1], final]).to(pipe.vqvae.device)).clamp(0, 1).float().cpu()
     f = pipe.vae_scale_factor
-    pixels = torch.from_numpy(final).permute(2, 0, 1)  # (3, 64, 64)
     side, pad, text_h = 64 * scale, 6, 16
-    rows = (len(steps) + columns - 1) // columns
+    rows = (len(frames) + columns - 1) // columns
     canvas = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad + 18), "white")
     draw, font = ImageDraw.Draw(canvas), _font(12)
-    draw.text((pad, 4), f'"{prompt}": tokens known after each of {len(steps)} steps', fill="black", font=font)
-    for k, tokens in enumerate(steps):
+    title = f'"{prompt}": tokens known after each of {len(steps)} steps'
+    draw.text((pad, 4), title + (f", then {passes} refinement passes" if passes else ""), fill="black", font=font)
+    checker = 0.55 + 0.1 * ((torch.arange(64)[:, None] // 4 + torch.arange(64)[None, :] // 4) % 2).float()
+    for k, (tokens, label) in enumerate(frames):
+        pixels = decoded[1] if k == len(steps) else decoded[0]  # (3, 64, 64): the refined image or the last step's
         known = (tokens != pipe.mask_token_id).float()  # (h, w)
         known_px = known.repeat_interleave(f, 0).repeat_interleave(f, 1)  # (64, 64)
-        checker = 0.55 + 0.1 * ((torch.arange(64)[:, None] // 4 + torch.arange(64)[None, :] // 4) % 2).float()
         frame = pixels * known_px + checker * (1 - known_px)
         array = (frame.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         r, c = divmod(k, columns)
         x, y = pad + c * (side + pad), 22 + r * (side + text_h + pad)
         canvas.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
-        draw.text(
-            (x, y + side + 1), f"step {k + 1}: {int(known.sum())}/{known.numel()} tokens", fill="black", font=font
-        )
+        draw.text((x, y + side + 1), label, fill="black", font=font)
     return canvas
 
 
