@@ -104,6 +104,25 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def add_refine_flags(p: argparse.ArgumentParser) -> None:
+    """--refine-steps and --refine-ratio (the pipeline's refine_steps / refine_ratio; unset: the model's default)."""
+    p.add_argument(
+        "--refine-steps",
+        type=non_negative_int,
+        default=None,
+        help="refinement passes after decoding: re-mask some decoded tokens and put back the most likely codes "
+        "(default: the model's, else 0)",
+    )
+    p.add_argument(
+        "--refine-ratio",
+        type=refine_ratio,
+        default=None,
+        metavar="R|START,END",
+        help="share of the decoded tokens each refinement pass re-masks, in (0, 1]; START,END anneals it over "
+        "the passes (default: the model's, else 0.3)",
+    )
+
+
 def guidance_schedule(text: str) -> str:
     """A guidance schedule: constant, linear, cosine, power-cosine or power-cosine:<exponent> (kept as text)."""
     try:

@@ -197,21 +197,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         metavar="T|START,END",
         help="divides the logits before each token draw; START,END anneals it over the steps (default 1)",
     )
-    p.add_argument(
-        "--refine-steps",
-        type=arguments.non_negative_int,
-        default=None,
-        help="refinement passes after decoding: re-mask some decoded tokens and put back the most likely codes "
-        "(default: the model's, else 0)",
-    )
-    p.add_argument(
-        "--refine-ratio",
-        type=arguments.refine_ratio,
-        default=None,
-        metavar="R|START,END",
-        help="share of the decoded tokens each refinement pass re-masks, in (0, 1]; START,END anneals it over "
-        "the passes (default: the model's, else 0.3)",
-    )
+    arguments.add_refine_flags(p)
     p.add_argument(
         "--seed",
         type=arguments.seed,

@@ -14,7 +14,7 @@ import torch
 import sampling
 from muse import Pipeline
 from tests.test_img2img_inpaint import picture, rect_mask
-from tests.test_pipeline_samplers import Rows
+from tests.test_pipeline_samplers import Rows, gen
 
 STEPS = 4
 COMMON = dict(num_inference_steps=STEPS, output_type="latent", progress_bar=False)
@@ -23,10 +23,6 @@ COMMON = dict(num_inference_steps=STEPS, output_type="latent", progress_bar=Fals
 @pytest.fixture(scope="module")
 def pipe(published_dirs):
     return Pipeline.from_pretrained(str(published_dirs("tiny-256")))
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 # --- the pure functions --------------------------------------------------------------------------------------------

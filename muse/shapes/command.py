@@ -81,21 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="constant (default), linear, cosine, power-cosine[:<exponent>]",
     )
-    p.add_argument(
-        "--refine-steps",
-        type=arguments.non_negative_int,
-        default=None,
-        help="refinement passes after decoding: re-mask some decoded tokens and put back the most likely codes "
-        "(default: the model's, else 0)",
-    )
-    p.add_argument(
-        "--refine-ratio",
-        type=arguments.refine_ratio,
-        default=None,
-        metavar="R|START,END",
-        help="share of the decoded tokens each refinement pass re-masks, in (0, 1]; START,END anneals it over "
-        "the passes (default: the model's, else 0.3)",
-    )
+    arguments.add_refine_flags(p)
     p.add_argument(
         "--split",
         default="heldout",
