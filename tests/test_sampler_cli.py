@@ -554,3 +554,27 @@ def test_bad_sweeps_are_refused_in_one_line_before_the_model_loads(extra, messag
     err = capsys.readouterr().err
     assert message in err and "no-model" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+BAD_PROMPT_RUNS = [
+    (["--prompt", "a pink circle on a blue background"], "not a caption of the shapes language"),
+    (["--prompt", "a red circle on a blue background", "--images", "0"], "--images"),
+    (
+        ["--prompt", "a red circle on a blue background", "--seed", str(2**63 - 2), "--images", "4"],
+        "runs past the largest seed",
+    ),
+    (
+        ["--prompt", "a red circle on a blue background", "--sweep-samplers", "halton", "--sweep-steps", "4"]
+        + ["--out", "{tmp}/o"],
+        "--prompt: not with a sweep",
+    ),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_PROMPT_RUNS, ids=[c[1][:30] for c in BAD_PROMPT_RUNS])
+def test_bad_prompt_runs_are_refused_in_one_line_before_the_model_loads(extra, message, tmp_path, capsys):
+    argv = ["shapes-eval", "--model", str(tmp_path / "no-model"), *(a.replace("{tmp}", str(tmp_path)) for a in extra)]
+    assert call(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no-model" not in err, err
+    assert not (tmp_path / "o").exists()

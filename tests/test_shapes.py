@@ -19,6 +19,7 @@ from muse.shapes import (
     captions,
     judge,
     judge_one,
+    parse_caption,
     render,
     sample_scenes,
     score,
@@ -66,6 +67,33 @@ def test_simple_and_rich_captions():
         caption("white", "triangle", "orange", position="center")
         == "a white triangle in the center on an orange background"
     )
+
+
+def test_parse_caption_reads_back_what_every_caption_states():
+    scenes = sample_scenes(500, seed=5, split="train")
+    for i, text in enumerate(captions(scenes)):
+        assert parse_caption(text) == scenes.attributes(i), text
+    assert parse_caption("  A Red  circle on a BLUE background ") == {
+        "background": "blue",
+        "colour": "red",
+        "shape": "circle",
+    }
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a red circle",  # no background
+        "a red circle on a red background",  # the shape's colour on its own colour
+        "a pink circle on a blue background",  # not a colour of the language
+        "a red hexagon on a blue background",
+        "a red circle in the middle on a blue background",  # not a position phrase
+        "",
+    ],
+)
+def test_parse_caption_refuses_text_outside_the_language(text):
+    with pytest.raises(ValueError, match="not a caption of the shapes language"):
+        parse_caption(text)
 
 
 def test_captions_state_the_scene():

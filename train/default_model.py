@@ -49,6 +49,7 @@ from muse import Pipeline
 from muse.shapes import JITTER, MODEL_DIR, captions, render, sample_scenes, stream
 from muse.shapes.evaluate import evaluate_adherence
 from muse.shapes.figures import figure_curve, make_figures
+from muse.shapes.judge import AdherenceReport
 from uvit import UViT, UViTConfig
 from vqgan import VQGAN, VQGANConfig
 
@@ -630,11 +631,17 @@ def evaluate(model_dir: Path, device: str = "cpu", per_triple: int = 2, progress
     return {"adherence": asdict(ev.report), "vq": vq_report(pipe.vqvae, device)}
 
 
-def learning_curve(model_dir: Path, work: Path, report: dict, device: str = "cpu", per_triple: int = 2) -> list[dict]:
+def learning_curve(
+    model_dir: Path, work: Path, report: dict, device: str = "cpu", per_triple: int = 2, final: dict | None = None
+) -> list[dict]:
     """Held-out adherence (the model's default sampling) of each U-ViT checkpoint of the run in `work`, rounded to
     the shipped dtype (as the final model is), with the VQ-GAN and text encoder of `model_dir`; each against the
     minutes since the recipe started at which the checkpoint was written (report["checkpoint_seconds"]; after a
-    `--reuse` run, since stage 3 started: report["curve_origin"])."""
+    `--reuse` run, since stage 3 started: report["curve_origin"]).
+
+    `final`: the final model's evaluation on the same prompts (`evaluate(...)["adherence"]`, per_triple alike), taken
+    as the point of the last step's checkpoint instead of evaluating it again: the final model is that checkpoint
+    (tests/test_default_model.py checks that the two evaluations agree)."""
     seconds = report.get("checkpoint_seconds")
     if not seconds:
         raise ValueError("the report has no checkpoint_seconds: build with the recipe's curve_points > 0")
@@ -643,17 +650,20 @@ def learning_curve(model_dir: Path, work: Path, report: dict, device: str = "cpu
     steps = {name: int(name.split("-")[1]) for name in seconds}  # checkpoint-<step>
     curve = []
     for name in sorted(seconds, key=steps.get):
-        state = read_safetensors(work / "uvit" / name / WEIGHTS)
-        with torch.no_grad():
-            pipe.transformer.load_state_dict({k: v.to(store).to(pipe.transformer.dtype) for k, v in state.items()})
-        ev = evaluate_adherence(pipe, per_triple=per_triple, progress=False)
+        if final is not None and steps[name] == report["recipe"]["steps"]:
+            scored = AdherenceReport(**final)
+        else:
+            state = read_safetensors(work / "uvit" / name / WEIGHTS)
+            with torch.no_grad():
+                pipe.transformer.load_state_dict({k: v.to(store).to(pipe.transformer.dtype) for k, v in state.items()})
+            scored = evaluate_adherence(pipe, per_triple=per_triple, progress=False).report
         row = {
             "step": steps[name],
             "minutes": round(seconds[name] / 60, 2),
-            "accuracy": ev.report.accuracy,
-            "per_attribute": ev.report.per_attribute,
-            "all_right": ev.report.all_right,
-            "prompts": ev.report.num_images,
+            "accuracy": scored.accuracy,
+            "per_attribute": scored.per_attribute,
+            "all_right": scored.all_right,
+            "prompts": scored.num_images,
         }
         log.info(
             "curve: step %d at %.1f min: held-out adherence %.1f%%", row["step"], row["minutes"], 100 * row["accuracy"]
@@ -753,7 +763,10 @@ def main(argv=None, prog: str = "python -m train.default_model") -> int:
             100 * report["eval"]["vq"]["usage"],
         )
     if recipe.curve_points and not args.skip_eval:
-        report["curve"] = learning_curve(Path(args.out), Path(args.work), report, args.device, args.eval_per_triple)
+        final = report["eval"]["adherence"]  # the last checkpoint's point: the final model, evaluated just above
+        report["curve"] = learning_curve(
+            Path(args.out), Path(args.work), report, args.device, args.eval_per_triple, final
+        )
         write_report(args.work, report)
     print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=1))
     return 0

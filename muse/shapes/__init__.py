@@ -33,6 +33,7 @@ from .domain import (
     caption,
     captions,
     palette,
+    parse_caption,
     sample_scenes,
 )
 from .embedded import MODEL_DIR, model_dir
@@ -65,6 +66,7 @@ __all__ = [
     "judge",
     "judge_one",
     "palette",
+    "parse_caption",
     "model_dir",
     "render",
     "sample_scenes",

@@ -20,7 +20,8 @@ import torch
 from .. import arguments, files
 from ..pipeline import Pipeline, default_model_dir
 from . import sweep
-from .evaluate import EVAL_SEED, evaluate_adherence, evaluation_prompts, save_grid
+from .domain import parse_caption
+from .evaluate import EVAL_SEED, evaluate_adherence, evaluate_prompt, evaluation_prompts, save_grid
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,7 +40,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=2,
         help="prompts per held-out (colour, background, shape) triple",
     )
-    p.add_argument("--seed", type=int, default=EVAL_SEED)
+    p.add_argument(
+        "--seed",
+        type=arguments.seed,
+        default=None,
+        help=f"image i uses seed + i (default: {EVAL_SEED} for the evaluation prompts, 0 with --prompt)",
+    )
+    p.add_argument(
+        "--prompt",
+        default=None,
+        metavar="CAPTION",
+        help="instead of the evaluation prompts: this caption of the shapes language drawn --images times, image i "
+        "from seed + i (the images of `muse generate CAPTION --seed SEED --num-images N`)",
+    )
+    p.add_argument(
+        "--images", type=arguments.positive_int, default=32, help="with --prompt: how many seeds (default 32)"
+    )
     p.add_argument("--batch-size", type=arguments.positive_int, default=32)
     p.add_argument("--guidance-scale", type=arguments.finite_float, default=None, help="default: the pipeline's")
     p.add_argument(
@@ -146,8 +162,18 @@ def run_shapes_eval(args) -> int:
     if args.sweep_samplers or args.sweep_steps or args.out or args.doc:
         return run_sampler_sweep(args)
     arguments.check_steps(args.steps, args.guidance_interval, args.sampler)
+    if args.prompt is not None:
+        parse_caption(args.prompt)  # a prompt outside the language fails before the model loads
+        if (args.seed or 0) + args.images > arguments.SEED_LIMIT:
+            raise ValueError(f"--seed {args.seed} with --images {args.images} runs past the largest seed 2**63 - 1")
     pipe = Pipeline.from_pretrained(args.model)
-    ev = evaluate_adherence(pipe, args.per_triple, args.seed, args.batch_size, split=args.split, **_options(args))
+    if args.prompt is not None:
+        seed = 0 if args.seed is None else args.seed
+        ev = evaluate_prompt(pipe, args.prompt, args.images, seed, args.batch_size, **_options(args))
+        print(f"{args.prompt!r}, seeds {seed} to {seed + args.images - 1}:")
+    else:
+        seed = EVAL_SEED if args.seed is None else args.seed
+        ev = evaluate_adherence(pipe, args.per_triple, seed, args.batch_size, split=args.split, **_options(args))
     print(ev.report.format())
     print(f"generation: {ev.seconds_per_image:.3f} s per image")
     if args.json:
@@ -169,6 +195,7 @@ def _check_sweep_arguments(args) -> None:
             ("--steps", args.steps),
             ("--json", args.json),
             ("--grid", args.grid),
+            ("--prompt", args.prompt),
         )
         if value is not None
     ]
@@ -182,6 +209,8 @@ def _check_sweep_arguments(args) -> None:
 
 def run_sampler_sweep(args) -> int:
     _check_sweep_arguments(args)
+    if args.seed is None:
+        args.seed = EVAL_SEED
     model = args.model or default_model_dir()
     pipe = Pipeline.from_pretrained(model)
     options = _options(args)

@@ -15,6 +15,7 @@ deterministically from a seed; `muse.shapes.render` draws them.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, fields
 
@@ -187,3 +188,35 @@ def captions(scenes: Scenes) -> list[str]:
         a = scenes.attributes(i)
         out.append(caption(a["colour"], a["shape"], a["background"], a.get("size"), a.get("position")))
     return out
+
+
+@functools.cache
+def _caption_table() -> dict[str, dict[str, str]]:
+    """Every caption of the prompt language -> the attributes it states (8 x 7 x 3 triples, each with or without
+    each of 3 sizes and 9 positions: 6720 captions)."""
+    table = {}
+    for colour, background, shape in ALL_TRIPLES:
+        for size in (None, *SIZE_NAMES):
+            for position in (None, *POSITION_NAMES):
+                stated = {"background": background, "colour": colour, "shape": shape}
+                if size is not None:
+                    stated["size"] = size
+                if position is not None:
+                    stated["position"] = position
+                table[caption(colour, shape, background, size, position)] = stated
+    return table
+
+
+def parse_caption(text: str) -> dict[str, str]:
+    """The attributes a caption of the prompt language states, as `Scenes.attributes` names them (the inverse of
+    `caption`; case and repeated spaces are ignored). A text outside the language is a ValueError."""
+    key = " ".join(text.lower().split())
+    stated = _caption_table().get(key)
+    if stated is None:
+        raise ValueError(
+            f"{text!r} is not a caption of the shapes language: expected e.g. "
+            f"{caption('red', 'circle', 'blue')!r} or {caption('red', 'circle', 'blue', 'small', 'top left')!r} "
+            f"(colours {', '.join(COLOUR_NAMES)}; shapes {', '.join(SHAPES)}; sizes {', '.join(SIZE_NAMES)}; "
+            "the shape's colour not the background's)"
+        )
+    return dict(stated)

@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from .domain import SPLITS, captions, sample_scenes
+from .domain import SPLITS, captions, parse_caption, sample_scenes
 from .judge import AdherenceReport, Verdict, judge, score, summarise
 
 EVAL_SEED = 2024  # the held-out prompts and the generators of the published adherence number
@@ -82,6 +82,29 @@ def evaluate_adherence(
     expected = [scenes.attributes(i) for i in range(len(scenes))]
     marks = [score(e, v) for e, v in zip(expected, verdicts)]
     return Evaluation(summarise(marks, expected, verdicts), prompts, expected, verdicts, marks, images, seconds)
+
+
+def evaluate_prompt(
+    pipe,
+    prompt: str,
+    num_images: int = 32,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+    **options,
+) -> Evaluation:
+    """One caption of the prompt language drawn `num_images` times, image i from its own generator seeded seed + i
+    (the images `muse generate PROMPT --seed SEED --num-images N` draws), each judged against what the caption
+    states: how often a user's command gives a right image."""
+    expected = parse_caption(prompt)
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    prompts = [prompt] * num_images
+    images, seconds = generate_images(pipe, prompts, seed, batch_size, progress, **options)
+    verdicts = judge(images)
+    marks = [score(expected, v) for v in verdicts]
+    expected_all = [dict(expected) for _ in prompts]
+    return Evaluation(summarise(marks, expected_all, verdicts), prompts, expected_all, verdicts, marks, images, seconds)
 
 
 def save_grid(images: torch.Tensor, path, columns: int = 8, pad: int = 2) -> None:
