@@ -87,6 +87,19 @@ def test_small_model_overfits_a_few_images(tmp_path, tokenizer):
     assert (tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_loss_per_sample_reaches_the_loss_and_trains(tmp_path, tokenizer):
+    """--loss_per_sample: the same masks and weights give another first-step loss (the samples' masking ratios
+    differ), and the run trains."""
+    images = make_images(tmp_path / "img")
+    token_mean = train(config(tmp_path / "a", images, max_train_steps=20), tiny_components(tokenizer))
+    per_sample = train(
+        config(tmp_path / "b", images, max_train_steps=20, loss_per_sample=True), tiny_components(tokenizer)
+    )
+    assert abs(per_sample.losses[0] - token_mean.losses[0]) > 1e-4
+    assert all(np.isfinite(per_sample.losses))
+    assert sum(per_sample.losses[-5:]) / 5 < per_sample.losses[0], per_sample.losses
+
+
 def test_unreadable_image_is_skipped_and_counted_never_a_crash(tmp_path, tokenizer):
     cfg = config(tmp_path, make_images(tmp_path / "img", broken=True), max_train_steps=3)
     result = train(cfg, tiny_components(tokenizer))

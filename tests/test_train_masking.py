@@ -34,6 +34,44 @@ def test_loss_equals_cross_entropy_over_the_masked_positions():
     assert abs(float(loss) - float(expected)) < 1e-5  # fp32 softmax over 16 codes vs float64
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_per_sample_loss_is_the_mean_of_each_samples_mean(smoothing):
+    """loss_per_sample: mean over samples of the mean over that sample's masked positions, computed here in float64
+    per sample with F.cross_entropy's own mean (label smoothing included); a sample with 1 masked token weighs what
+    one with 11 does."""
+    g = torch.Generator().manual_seed(2)
+    B, K, h, w = 3, 12, 3, 4
+    logits = torch.randn(B, h, w, K, generator=g) * 2
+    tokens = torch.randint(0, K, (B, h, w), generator=g)
+    mask = torch.zeros(B, h, w, dtype=torch.bool)
+    mask[0, 0, 0] = True  # 1 masked token
+    mask[1].view(-1)[:11] = True  # 11
+    mask[2].view(-1)[::2] = True  # 6
+    _, labels = apply_masks(tokens, mask, mask_id=K)
+    means = [
+        F.cross_entropy(logits[b][mask[b]].double(), tokens[b][mask[b]], label_smoothing=smoothing) for b in range(B)
+    ]
+    expected = torch.stack(means).mean()
+    loss = masked_cross_entropy(logits, labels, smoothing, per_sample=True)
+    assert abs(float(loss) - float(expected)) < 1e-5
+    token_mean = masked_cross_entropy(logits, labels, smoothing)
+    assert abs(float(loss) - float(token_mean)) > 1e-3  # unequal counts: the two weightings differ
+    # equal counts: the same as the token mean
+    even = torch.zeros(B, h, w, dtype=torch.bool)
+    even[:, 0] = True
+    _, even_labels = apply_masks(tokens, even, mask_id=K)
+    torch.testing.assert_close(
+        masked_cross_entropy(logits, even_labels, smoothing, per_sample=True),
+        masked_cross_entropy(logits, even_labels, smoothing),
+        atol=1e-6,
+        rtol=0,
+    )
+    # the loop's normalizer for process k of 3 holding one row each is G / world = 1: the processes' losses
+    # averaged (as DDP averages their gradients) give the whole batch's
+    parts = [masked_cross_entropy(logits[b : b + 1], labels[b : b + 1], smoothing, 3 / 3, True) for b in range(B)]
+    torch.testing.assert_close(torch.stack(parts).mean(), loss, atol=1e-6, rtol=0)
+
+
 def test_loss_matches_reference_formula_and_label_smoothing():
     """The reference: F.cross_entropy(logits (N, K), labels.view(-1), ignore_index=-100, reduction='mean')."""
     g = torch.Generator().manual_seed(1)

@@ -164,6 +164,11 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     g.add_argument("--cond_dropout_prob", type=float, default=d.cond_dropout_prob)
     g.add_argument("--label_smoothing", type=float, default=d.label_smoothing, help="(ours)")
     g.add_argument(
+        "--loss_per_sample",
+        action="store_true",
+        help="(ours) mean over samples of each sample's masked-token mean, not the mean over the batch's masked tokens",
+    )
+    g.add_argument(
         "--rect_mask_prob",
         type=float,
         default=d.rect_mask_prob,

@@ -99,6 +99,9 @@ class TrainConfig:
     min_masking_rate: float = 0.0
     cond_dropout_prob: float = 0.0
     label_smoothing: float = 0.0  # ours (the original runs used 0.1)
+    # ours: the loss as the mean over samples of each sample's masked-token mean (every sample weighs alike, whatever
+    # its masking ratio), instead of the reference's mean over all masked tokens of the batch
+    loss_per_sample: bool = False
     rect_mask_prob: float = 0.0  # ours: share of samples masked with a rectangle (the original runs used 0.15)
     # --- LoRA ---
     use_lora: bool = False

@@ -272,13 +272,14 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
                 input_ids, labels = apply_masks(tokens, masks.mask[rows], mask_id)
                 hidden, pooled = batch_conditioning(batch, encode_prompts, empty, dropped[rows].to(device), device)
                 micro_conds = batch["micro_conds"].to(device)
-                # the loss is the mean over the GLOBAL batch's masked tokens: DDP averages gradients over processes
-                normalizer = float(masks.mask.sum()) / dist.world
+                # the loss is the mean over the GLOBAL batch's masked tokens (or, per sample, over its samples' means):
+                # DDP averages gradients over processes
+                normalizer = (G if cfg.loss_per_sample else float(masks.mask.sum())) / dist.world
 
                 last = micro == cfg.gradient_accumulation_steps - 1
                 with model.no_sync() if dist.enabled and not last else contextlib.nullcontext(), autocast:
                     logits = model(input_ids, hidden, pooled, micro_conds).permute(0, 2, 3, 1)  # (B, h, w, K) view
-                    loss = masked_cross_entropy(logits, labels, cfg.label_smoothing, normalizer)
+                    loss = masked_cross_entropy(logits, labels, cfg.label_smoothing, normalizer, cfg.loss_per_sample)
                     loss = loss / cfg.gradient_accumulation_steps
                 scaler.scale(loss).backward()
                 step_loss += loss.detach()

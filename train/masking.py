@@ -79,11 +79,23 @@ def masked_cross_entropy(
     labels: torch.Tensor,  # (B, h, w), IGNORE where not masked
     label_smoothing: float = 0.0,
     normalizer: float | None = None,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy over the K codes at the masked positions, summed and divided by `normalizer` (default: the
-    number of masked positions, i.e. the mean, as the reference). Only the masked rows are upcast to fp32."""
+    number of masked positions, i.e. the mean, as the reference). Only the masked rows are upcast to fp32.
+
+    per_sample (ours): each sample's masked positions weighted 1 / (their count), so that every sample counts
+    alike whatever its masking ratio (a sample with 5 masked tokens weighs what one with 250 does; by the token mean
+    it weighs 1/50 of it); `normalizer` then counts samples (default: the batch size), and the default is the mean
+    over samples of each sample's mean."""
     selected = labels != IGNORE
     picked = logits[selected].float()  # (N, K)
-    total = F.cross_entropy(picked, labels[selected], reduction="sum", label_smoothing=label_smoothing)
-    n = normalizer if normalizer is not None else max(int(selected.sum()), 1)
-    return total / n
+    if not per_sample:
+        total = F.cross_entropy(picked, labels[selected], reduction="sum", label_smoothing=label_smoothing)
+        n = normalizer if normalizer is not None else max(int(selected.sum()), 1)
+        return total / n
+    counts = selected.flatten(1).sum(1).clamp(min=1)  # (B,) masked positions per sample
+    weights = (selected / counts.view(-1, 1, 1).to(torch.float32))[selected]  # (N,) 1 / count of its sample
+    terms = F.cross_entropy(picked, labels[selected], reduction="none", label_smoothing=label_smoothing)
+    n = normalizer if normalizer is not None else labels.shape[0]
+    return (terms * weights).sum() / n

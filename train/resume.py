@@ -71,6 +71,7 @@ SAFE_TO_CHANGE = (
     "min_masking_rate",
     "cond_dropout_prob",
     "label_smoothing",
+    "loss_per_sample",
     "rect_mask_prob",
     "lora_dropout",
     "instance_data_dataset",
