@@ -236,6 +236,7 @@ class Recipe:
             learning_rate=2e-3,
             warmup=100,
             label_smoothing=0.1,
+            loss_per_sample=True,  # follows prompts better than the token mean (docs/default_model.md)
             workers=0,
             curve_points=6,
             compile=True,
