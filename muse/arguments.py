@@ -149,6 +149,12 @@ def optional_step_interval(text: str) -> tuple[int, int] | None:
     return None if text.lower() == "none" else step_interval(text)
 
 
+def check_seed_span(seed: int, count: int, count_flag: str) -> None:
+    """Images seed .. seed + count - 1 must all be seeds torch accepts."""
+    if seed + count > SEED_LIMIT:
+        raise ValueError(f"--seed {seed} with {count_flag} {count} runs past the largest seed 2**63 - 1")
+
+
 def check_steps(
     num_steps: int | None, guidance_interval: tuple[int, int] | None, sampler: sampling.Sampler | None
 ) -> None:

@@ -262,8 +262,8 @@ def _load(args):
         files.check_writable(path)
     arguments.check_device(args.device)
     arguments.check_steps(args.steps, args.guidance_interval, args.sampler)  # without --steps: the pipeline checks
-    if args.seed is not None and args.seed + args.num_images > arguments.SEED_LIMIT:
-        raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} runs past the largest seed 2**63 - 1")
+    if args.seed is not None:
+        arguments.check_seed_span(args.seed, args.num_images, "--num-images")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     log.info("loading %s", args.model or "the embedded default model")
     return Pipeline.from_pretrained(args.model, dtype=dtype, device=args.device, variant=args.variant)

@@ -162,17 +162,15 @@ def run_shapes_eval(args) -> int:
     if args.sweep_samplers or args.sweep_steps or args.out or args.doc:
         return run_sampler_sweep(args)
     arguments.check_steps(args.steps, args.guidance_interval, args.sampler)
+    seed = args.seed if args.seed is not None else (0 if args.prompt is not None else EVAL_SEED)
     if args.prompt is not None:
         parse_caption(args.prompt)  # a prompt outside the language fails before the model loads
-        if (args.seed or 0) + args.images > arguments.SEED_LIMIT:
-            raise ValueError(f"--seed {args.seed} with --images {args.images} runs past the largest seed 2**63 - 1")
+        arguments.check_seed_span(seed, args.images, "--images")
     pipe = Pipeline.from_pretrained(args.model)
     if args.prompt is not None:
-        seed = 0 if args.seed is None else args.seed
         ev = evaluate_prompt(pipe, args.prompt, args.images, seed, args.batch_size, **_options(args))
         print(f"{args.prompt!r}, seeds {seed} to {seed + args.images - 1}:")
     else:
-        seed = EVAL_SEED if args.seed is None else args.seed
         ev = evaluate_adherence(pipe, args.per_triple, seed, args.batch_size, split=args.split, **_options(args))
     print(ev.report.format())
     print(f"generation: {ev.seconds_per_image:.3f} s per image")

@@ -77,9 +77,14 @@ def evaluate_adherence(
     seed + i; other sampling options at the pipeline's defaults unless given), judge each, and score the stated
     attributes."""
     scenes, prompts = evaluation_prompts(per_triple, seed, split)
+    expected = [scenes.attributes(i) for i in range(len(scenes))]
+    return _generate_and_judge(pipe, prompts, expected, seed, batch_size, progress, **options)
+
+
+def _generate_and_judge(pipe, prompts, expected, seed, batch_size, progress, **options) -> Evaluation:
+    """Image i of `prompts` from seed + i, judged against expected[i]."""
     images, seconds = generate_images(pipe, prompts, seed, batch_size, progress, **options)
     verdicts = judge(images)
-    expected = [scenes.attributes(i) for i in range(len(scenes))]
     marks = [score(e, v) for e, v in zip(expected, verdicts)]
     return Evaluation(summarise(marks, expected, verdicts), prompts, expected, verdicts, marks, images, seconds)
 
@@ -99,12 +104,9 @@ def evaluate_prompt(
     expected = parse_caption(prompt)
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    prompts = [prompt] * num_images
-    images, seconds = generate_images(pipe, prompts, seed, batch_size, progress, **options)
-    verdicts = judge(images)
-    marks = [score(expected, v) for v in verdicts]
-    expected_all = [dict(expected) for _ in prompts]
-    return Evaluation(summarise(marks, expected_all, verdicts), prompts, expected_all, verdicts, marks, images, seconds)
+    return _generate_and_judge(
+        pipe, [prompt] * num_images, [dict(expected) for _ in range(num_images)], seed, batch_size, progress, **options
+    )
 
 
 def save_grid(images: torch.Tensor, path, columns: int = 8, pad: int = 2) -> None:
