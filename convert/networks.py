@@ -43,10 +43,11 @@ def vqgan_from_diffusers(
 
 def uvit_to_diffusers(model: UViT) -> tuple[dict, dict[str, torch.Tensor]]:
     """Our UViT -> (diffusers `UVit2DModel` config dict, state dict under diffusers names)."""
-    if model.config.position_embedding is not None:
+    extras = model.config.ours_only()
+    if extras:
+        used = ", ".join(f"{key}={value!r}" for key, value in extras.items())
         raise ConversionError(
-            f"this U-ViT uses position_embedding={model.config.position_embedding!r}, which diffusers' UVit2DModel "
-            "does not have: it can be saved in our format only"
+            f"this U-ViT uses {used}, which diffusers' UVit2DModel does not have: it can be saved in our format only"
         )
     config = {"_class_name": "UVit2DModel", "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_diffusers_dict()}
     return config, to_theirs(model, UVIT_KEYMAP)

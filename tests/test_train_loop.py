@@ -643,20 +643,25 @@ def test_lora_forward_and_gradients_are_the_plain_formulas_bit_for_bit(alpha):
         assert torch.equal(got, want)
 
 
-def test_a_uvit_diffusers_cannot_hold_is_saved_in_our_layout_and_loads_back(tmp_path, tokenizer):
-    """A U-ViT with a position embedding (ours; diffusers' UVit2DModel has none) ends its run with transformer/ in
-    our layout, which `train.generate_images` loads into a base model of the same configuration."""
+@pytest.mark.parametrize(
+    "ours", [{"position_embedding": "sincos"}, {"downsample": True, "upsample": True, "full_res_blocks": 1}]
+)
+def test_a_uvit_diffusers_cannot_hold_is_saved_in_our_layout_and_loads_back(tmp_path, tokenizer, ours):
+    """A U-ViT with one of our additions (a position embedding, blocks at the token grid; diffusers' UVit2DModel has
+    neither) ends its run with transformer/ in our layout, which `train.generate_images` loads into a base model of
+    the same configuration."""
     from train.generate_images import load_transformer_into
 
     components = tiny_components(tokenizer)
     torch.manual_seed(0)
-    components.transformer = UViT(UViTConfig.tiny(position_embedding="sincos"))
+    components.transformer = UViT(UViTConfig.tiny(**ours))
     images = make_images(tmp_path / "img")
     train(config(tmp_path, images, max_train_steps=2), components)
     folder = tmp_path / "out" / "transformer"
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
-    assert json.loads((folder / "config.json").read_text())["position_embedding"] == "sincos"
-    fresh = UViT(UViTConfig.tiny(position_embedding="sincos"))
+    saved = json.loads((folder / "config.json").read_text())
+    assert {key: saved[key] for key in ours} == ours
+    fresh = UViT(UViTConfig.tiny(**ours))
     load_transformer_into(fresh, tmp_path / "out")
     for (name, p), q in zip(fresh.state_dict().items(), components.transformer.state_dict().values()):
         assert torch.equal(p, q.cpu()), name

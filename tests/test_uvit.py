@@ -380,3 +380,68 @@ def test_a_position_embedding_is_refused_by_the_diffusers_export():
         uvit_to_diffusers(UViT(UViTConfig.tiny(position_embedding="sincos")))
     with pytest.raises(ValueError, match="position_embedding must be one of"):
         UViTConfig.tiny(position_embedding="learned")
+
+
+# --- ours beyond the reference: blocks at the token grid -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_res() -> UViT:
+    """The tiny amused-512 layout (16x16 tokens brought to 8x8 inside) with two blocks at the token grid."""
+    cfg = dataclasses.replace(uvit_config("tiny-512"), sample_size=16, full_res_blocks=2)
+    return randomize_(UViT(cfg)).eval()
+
+
+def test_full_resolution_blocks_run_on_the_upsampled_features_plus_the_token_embedding(full_res):
+    """full_res_blocks=n: the plain layout up to the up-sampling (the same weights give the same features there),
+    then the token embedding added back and n conditioned ConvNeXt blocks at the token grid, then the head. Checked
+    against that computation written out on a plain model holding the shared weights."""
+    cfg = full_res.config
+    plain = UViT(dataclasses.replace(cfg, full_res_blocks=0)).eval()
+    missing, unexpected = plain.load_state_dict(full_res.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("full_res.") for k in unexpected)
+    ids, text, pooled, micro = uvit_inputs(cfg, 2, (16, 16), 7)
+    upsampled = {}
+    hook = plain.up.register_forward_hook(lambda module, args, out: upsampled.update(x=out))
+    with torch.no_grad():
+        plain_logits = plain.forward_channels_last(ids, text, pooled, micro)
+        hook.remove()
+        c, text_states = plain.embed_conditions(text, pooled, micro)
+        x = upsampled["x"] + plain.token_embed(ids)  # (B, 16, 16, C)
+        for block in full_res.full_res:
+            x = block(x, block.prepare(c, text_states))
+        want = plain.head(x)
+        got = full_res.forward_channels_last(ids, text, pooled, micro)
+    assert got.shape == (2, 16, 16, cfg.codebook_size)
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, plain_logits)  # the blocks change the logits
+
+
+def test_full_resolution_blocks_prepared_and_checkpointed_as_every_block(full_res):
+    """The decoding loop's prepared conditioning covers the new blocks (bit-equal logits), and gradient
+    checkpointing recomputes them to the very gradients of the plain backward, each of their weights reached."""
+    inputs = uvit_inputs(full_res.config, 2, (16, 16), 7)
+    ids, text, pooled, micro = inputs
+    with torch.no_grad():
+        cond = full_res.prepare(text, pooled, micro)
+        assert torch.equal(full_res.forward_prepared(ids, cond), full_res.forward_channels_last(*inputs))
+    model = UViT(full_res.config)
+    model.load_state_dict(full_res.state_dict())
+    model.train()
+    plain = _loss_gradients(model, inputs)
+    assert all(plain[k].abs().sum() > 0 for k in plain if k.startswith("full_res."))
+    assert_same_gradients(plain, _loss_gradients(model.enable_gradient_checkpointing(), inputs))
+
+
+def test_full_resolution_blocks_are_refused_by_the_diffusers_export_and_need_the_halved_grid():
+    from convert import ConversionError, uvit_to_diffusers
+
+    model = UViT(UViTConfig.tiny(downsample=True, upsample=True, full_res_blocks=1))
+    assert model.config.ours_only() == {"full_res_blocks": 1}
+    with pytest.raises(ConversionError, match="full_res_blocks=1"):
+        uvit_to_diffusers(model)
+    with pytest.raises(ValueError, match="full_res_blocks needs downsample"):
+        UViTConfig.tiny(full_res_blocks=1)
+    with pytest.raises(ValueError, match="full_res_blocks must be >= 0"):
+        UViTConfig.tiny(downsample=True, upsample=True, full_res_blocks=-1)
+    assert UViTConfig.tiny().ours_only() == {}

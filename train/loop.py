@@ -682,15 +682,13 @@ def base_config(transformer) -> dict:
 
 def transformer_files(transformer) -> tuple[dict, dict, str]:
     """(config, tensors, weights file name) of the trained U-ViT's folder: the diffusers layout
-    (diffusion_pytorch_model.safetensors), or ours (model.safetensors, our names) for a U-ViT with a position
-    embedding, which diffusers' UVit2DModel does not have."""
-    if transformer.config.position_embedding is None:
+    (diffusion_pytorch_model.safetensors), or ours (model.safetensors, our names) for a U-ViT with one of our
+    additions (a position embedding, full-resolution blocks), which diffusers' UVit2DModel does not have."""
+    extras = transformer.config.ours_only()
+    if not extras:
         config, state = uvit_to_diffusers(transformer)
         return config, state, DIFFUSERS_TRANSFORMER_WEIGHTS
-    log.warning(
-        "the U-ViT has position_embedding=%r, which diffusers' UVit2DModel lacks: transformer/ is in our layout",
-        transformer.config.position_embedding,
-    )
+    log.warning("the U-ViT has %s, which diffusers' UVit2DModel lacks: transformer/ is in our layout", extras)
     return {"_class": "uvit.UViT", **transformer.config.to_dict()}, transformer.state_dict(), OUR_TRANSFORMER_WEIGHTS
 
 

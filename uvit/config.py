@@ -68,6 +68,10 @@ class UViTConfig:
     # the convolutions' zero padding): None, or "sincos" (fixed 2D sines and cosines of the normalised row and
     # column, added to the token embeddings and again at the transformer's input; no parameters)
     position_embedding: str | None = None
+    # ConvNeXt blocks at the token grid after the up-sampling (ours; needs downsample), where the token embedding is
+    # added back (a long skip): with the stages at the halved grid, a token's logits otherwise see its neighbours'
+    # codes only through the 2x2 cells, four tokens folded into block_out_channels
+    full_res_blocks: int = 0
 
     def __post_init__(self):
         problems = _type_problems(self)
@@ -99,6 +103,8 @@ class UViTConfig:
             problems.append(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
         if self.position_embedding and (self.block_out_channels % 4 or self.hidden_size % 4):
             problems.append("position_embedding needs block_out_channels and hidden_size divisible by 4")
+        if self.full_res_blocks and not self.downsample:
+            problems.append("full_res_blocks needs downsample: without it every block already runs at the token grid")
         if self.downsample != self.upsample:
             problems.append("downsample and upsample must be both on or both off, or the token grid would change size")
         if problems:
@@ -106,6 +112,8 @@ class UViTConfig:
 
     def _range_problems(self) -> list[str]:
         problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in _POSITIVE if getattr(self, name) < 1]
+        if self.full_res_blocks < 0:
+            problems.append(f"full_res_blocks must be >= 0, got {self.full_res_blocks}")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -165,14 +173,20 @@ class UViTConfig:
         return dataclasses.asdict(self)
 
     # fields of ours that diffusers' UVit2DModel does not have, and the value that means "as diffusers"
-    _OURS_ONLY = {"position_embedding": None}
+    _OURS_ONLY = {"position_embedding": None, "full_res_blocks": 0}
+
+    def ours_only(self) -> dict:
+        """Our additions this model uses ({field: value}), which diffusers' UVit2DModel lacks; empty when the
+        model can be saved in the diffusers layout."""
+        return {key: getattr(self, key) for key, plain in self._OURS_ONLY.items() if getattr(self, key) != plain}
 
     def to_diffusers_dict(self) -> dict:
         """The diffusers `UVit2DModel` config of this model; a ValueError when it uses one of our additions."""
+        for key, value in self.ours_only().items():
+            raise ValueError(f"{key}={value!r} has no diffusers equivalent (UVit2DModel lacks it)")
         d = self.to_dict()
-        for key, plain in self._OURS_ONLY.items():
-            if d.pop(key) != plain:
-                raise ValueError(f"{key}={getattr(self, key)!r} has no diffusers equivalent (UVit2DModel lacks it)")
+        for key in self._OURS_ONLY:
+            d.pop(key)
         return d
 
     @classmethod

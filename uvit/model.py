@@ -550,6 +550,7 @@ class UViT(nn.Module):
         self.from_hidden_norm = RMSNorm(D, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
         self.from_hidden = nn.Linear(D, C, bias=bias)
         self.up = ConvStage(cfg, "up", resample=cfg.upsample)
+        self.full_res = nn.ModuleList(ConvNeXtBlock(cfg) for _ in range(cfg.full_res_blocks))
         self.head = Head(cfg)
         self.gradient_checkpointing = False
 
@@ -585,7 +586,7 @@ class UViT(nn.Module):
 
     def conditioned_blocks(self) -> list[nn.Module]:
         """Every block that reads the conditioning, in the order the forward pass runs them."""
-        return self.down.conditioned_blocks() + list(self.layers) + self.up.conditioned_blocks()
+        return self.down.conditioned_blocks() + list(self.layers) + self.up.conditioned_blocks() + list(self.full_res)
 
     def check_inputs(self, input_ids, encoder_hidden_states, pooled_text_emb, micro_conds) -> None:
         cfg = self.config
@@ -658,9 +659,9 @@ class UViT(nn.Module):
 
     def _trunk(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         """The network from token ids to logits; `step(block, x)` runs each conditioned block."""
-        x = self.token_embed(input_ids)  # (B, h, w, C)
+        x = embedded = self.token_embed(input_ids)  # (B, h, w, C)
         if self.config.position_embedding:
-            x = x + grid_position_embedding(*x.shape[1:], device=x.device, dtype=x.dtype)
+            x = embedded = x + grid_position_embedding(*x.shape[1:], device=x.device, dtype=x.dtype)
         x = self.down(x, step)  # (B, h', w', C)
         B, H, W, C = x.shape
         x = self.to_hidden(self.to_hidden_norm(x.reshape(B, H * W, C)))  # (B, h'w', D)
@@ -670,4 +671,8 @@ class UViT(nn.Module):
             x = step(layer, x)
         x = self.from_hidden(self.from_hidden_norm(x)).view(B, H, W, C)  # (B, h', w', C)
         x = self.up(x, step)  # (B, h, w, C)
+        if self.full_res:
+            x = x + embedded  # the long skip: each token's own code, at the token grid
+            for block in self.full_res:
+                x = step(block, x)
         return self.head(x)  # (B, h, w, codebook_size)
