@@ -245,6 +245,10 @@ TRAIN_CASES = {
         lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1", "--learning_rate", "nan"],
         "learning_rate must be a finite number, got nan",
     ),
+    "masking schedule unknown": (
+        lambda t: ["--instance_data_dir", str(_images(t)), "--max_train_steps", "1", "--masking_schedule", "square"],
+        "masking_schedule: unknown masking schedule 'square'",
+    ),
     "lora alpha inf": (
         lambda t: [
             "--instance_data_dir",

@@ -100,6 +100,17 @@ def test_loss_per_sample_reaches_the_loss_and_trains(tmp_path, tokenizer):
     assert sum(per_sample.losses[-5:]) / 5 < per_sample.losses[0], per_sample.losses
 
 
+def test_masking_schedule_reaches_the_masks_and_trains(tmp_path, tokenizer):
+    """--masking_schedule linear: other masks from the same draws, so another first-step loss; the run trains."""
+    images = make_images(tmp_path / "img")
+    cosine = train(config(tmp_path / "a", images, max_train_steps=20), tiny_components(tokenizer))
+    linear = train(
+        config(tmp_path / "b", images, max_train_steps=20, masking_schedule="linear"), tiny_components(tokenizer)
+    )
+    assert abs(linear.losses[0] - cosine.losses[0]) > 1e-4
+    assert sum(linear.losses[-5:]) / 5 < linear.losses[0], linear.losses
+
+
 def test_unreadable_image_is_skipped_and_counted_never_a_crash(tmp_path, tokenizer):
     cfg = config(tmp_path, make_images(tmp_path / "img", broken=True), max_train_steps=3)
     result = train(cfg, tiny_components(tokenizer))

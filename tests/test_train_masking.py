@@ -104,6 +104,40 @@ def test_masks_are_the_reference_recipe():
     assert abs(float(big.ratio.mean()) - 2 / math.pi) < 0.02
 
 
+@pytest.mark.parametrize(
+    "schedule, ratio_of",
+    [
+        ("linear", lambda t: 1 - t),
+        ("arccos", lambda t: torch.arccos(t) / (math.pi / 2)),
+        ("power:0.5", lambda t: 1 - t.sqrt()),
+    ],
+)
+def test_masking_schedule_draws_the_ratio_from_the_same_t(schedule, ratio_of):
+    """--masking_schedule: the same uniform draws as the cosine's, r = schedule(t), n = round(L r) >= 1 exactly."""
+    B, L = 64, 256
+    masks = draw_masks(B, 16, 16, MaskingConfig(schedule=schedule), torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = torch.rand(B, generator=g)
+    n = (L * ratio_of(t)).round().clamp(min=1)
+    expected = torch.rand(B, L, generator=g).argsort(dim=-1) < n.unsqueeze(-1)
+    assert torch.allclose(masks.ratio, ratio_of(t), atol=1e-6)
+    assert torch.equal(masks.mask.view(B, L), expected)
+
+
+def test_linear_schedule_masks_lightly_more_often_than_the_cosine():
+    """The point of "linear": P(r < 0.1) is 0.1 under r = 1 - t, 1 - (2/pi) arccos(0.1) = 0.064 under the cosine."""
+    light = {}
+    for schedule in ("cosine", "linear"):
+        ratio = draw_masks(20_000, 2, 2, MaskingConfig(schedule=schedule), torch.Generator().manual_seed(6)).ratio
+        light[schedule] = float((ratio < 0.1).float().mean())
+    assert abs(light["linear"] - 0.1) < 0.01 and abs(light["cosine"] - 0.0638) < 0.01, light
+
+
+def test_unknown_masking_schedule_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown masking schedule 'square'"):
+        MaskingConfig(schedule="square")
+
+
 def test_min_masking_rate_is_a_lower_bound():
     masks = draw_masks(256, 8, 8, MaskingConfig(min_masking_rate=0.5), torch.Generator().manual_seed(3))
     assert float(masks.ratio.min()) >= 0.5

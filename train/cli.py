@@ -174,6 +174,12 @@ def parser(prog: str = "python -m train") -> argparse.ArgumentParser:
         default=d.rect_mask_prob,
         help="(ours) share of samples masked with one rectangle",
     )
+    g.add_argument(
+        "--masking_schedule",
+        default=d.masking_schedule,
+        help="(ours) how a sample's masking ratio r is drawn from t ~ U(0, 1): cosine (the reference's), linear, "
+        "arccos or power:E",
+    )
     g = p.add_argument_group("LoRA and the text encoder")
     g.add_argument("--use_lora", action="store_true")
     g.add_argument("--lora_r", type=int, default=d.lora_r)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sampling.schedules import MaskingSchedule
+
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # numeric option -> (lowest value, highest value or None, whether the lowest value itself is excluded)
@@ -103,6 +105,9 @@ class TrainConfig:
     # its masking ratio), instead of the reference's mean over all masked tokens of the batch
     loss_per_sample: bool = False
     rect_mask_prob: float = 0.0  # ours: share of samples masked with a rectangle (the original runs used 0.15)
+    # ours: how the masking ratio r is drawn from t ~ U(0, 1): a masking schedule of `sampling.schedules`
+    # ("cosine", the reference's: r = cos(t pi / 2); "linear": r = 1 - t; "arccos"; "power:E")
+    masking_schedule: str = "cosine"
     # --- LoRA ---
     use_lora: bool = False
     lora_r: int = 16
@@ -141,6 +146,10 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         problems += self._number_problems()
+        try:
+            MaskingSchedule.parse(self.masking_schedule)
+        except (TypeError, ValueError) as e:
+            problems.append(f"masking_schedule: {e}")
         if self.text_encoder_use_lora and not self.train_text_encoder:
             problems.append("--text_encoder_use_lora needs --train_text_encoder")
         if self.pre_encode is True and self.train_text_encoder:

@@ -200,6 +200,7 @@ class Recipe:
     workers: int = 4  # data loader processes of the U-ViT stage
     label_smoothing: float = 0.0
     loss_per_sample: bool = False  # the loop's --loss_per_sample: every sample weighs alike, whatever its masking ratio
+    masking_schedule: str = "cosine"  # the loop's --masking_schedule: how each sample's masking ratio is drawn
     compile: bool = False  # torch.compile the U-ViT's training step (the loop's --compile)
     text_context: int = 77  # tokens per caption (the tokenizer's model_max_length, declared in the model folder)
     # the learning curve: the loop checkpoints the U-ViT every steps // curve_points steps (and at the end), and each
@@ -430,6 +431,7 @@ def train_uvit_stage(recipe: Recipe, components, data: Path, work: Path, device:
         checkpointing_steps=max(1, recipe.steps // recipe.curve_points) if recipe.curve_points else recipe.steps,
         label_smoothing=recipe.label_smoothing,
         loss_per_sample=recipe.loss_per_sample,
+        masking_schedule=recipe.masking_schedule,
         seed=recipe.seed,
         learning_rate=recipe.learning_rate,
         lr_scheduler="cosine",

@@ -181,7 +181,7 @@ def train(cfg: TrainConfig, components=None) -> TrainResult:
     if cfg.train_text_encoder:
         trained["text_encoder"] = [p for p in text_encoder.parameters() if p.requires_grad]
     B, G = cfg.train_batch_size, cfg.train_batch_size * dist.world
-    masking = MaskingConfig(cfg.min_masking_rate, cfg.rect_mask_prob, cfg.label_smoothing)
+    masking = MaskingConfig(cfg.min_masking_rate, cfg.rect_mask_prob, cfg.label_smoothing, cfg.masking_schedule)
 
     # --- optimizer, schedule, grad scaler, EMA -------------------------------------------------------------------------
     groups = decay_groups(transformer.named_parameters(), cfg.adam_weight_decay, uvit_rename)

@@ -1,6 +1,7 @@
 """Masking for masked-token training, and the loss on the masked tokens.
 
-Per sample (the reference's recipe): t ~ U(0, 1), masking ratio r = max(cos(t * pi / 2), min_masking_rate),
+Per sample (the reference's recipe): t ~ U(0, 1), masking ratio r = max(cos(t * pi / 2), min_masking_rate) (ours:
+another of `sampling.schedules`' masking schedules in place of the cosine, e.g. linear: r = 1 - t),
 n = round(L * r) (at least 1) positions chosen exactly, through a random permutation (argsort of uniform noise). Optionally (the original large
 runs, for inpainting) a fraction of the samples gets one random rectangle of about n tokens instead.
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sampling.schedules import MaskingSchedule
+
 IGNORE = -100  # label of the positions that are not masked (no loss)
 
 
@@ -24,6 +27,11 @@ class MaskingConfig:
     min_masking_rate: float = 0.0  # lower bound of the masking ratio
     rect_mask_prob: float = 0.0  # fraction of samples masked with a rectangle instead of scattered tokens
     label_smoothing: float = 0.0
+    # ours: the schedule r = schedule(t) of the masking ratio, a name of `sampling.schedules` ("cosine": the reference)
+    schedule: str = "cosine"
+
+    def __post_init__(self):
+        MaskingSchedule.parse(self.schedule)  # an unknown name fails here, not at the first step
 
 
 @dataclass
@@ -44,7 +52,11 @@ def draw_masks(batch: int, h: int, w: int, cfg: MaskingConfig, generator: torch.
     use_rect = torch.rand(batch, generator=generator) < cfg.rect_mask_prob
     rect_u = torch.rand(batch, 3, generator=generator)  # (height choice, top, left) in [0, 1)
 
-    ratio = torch.cos(t * math.pi * 0.5).clamp(min=cfg.min_masking_rate)
+    if cfg.schedule == "cosine":
+        ratio = torch.cos(t * math.pi * 0.5)  # the reference's arithmetic
+    else:
+        ratio = MaskingSchedule.parse(cfg.schedule)(t)
+    ratio = ratio.clamp(min=cfg.min_masking_rate)
     count = (L * ratio).round().clamp(min=1).long()  # (B,)
     # exactly `count` positions: those whose entry of the noise's argsort permutation is below count (the reference)
     mask = (noise.argsort(dim=-1) < count[:, None]).view(batch, h, w)

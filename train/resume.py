@@ -73,6 +73,7 @@ SAFE_TO_CHANGE = (
     "label_smoothing",
     "loss_per_sample",
     "rect_mask_prob",
+    "masking_schedule",
     "lora_dropout",
     "instance_data_dataset",
     "instance_data_dir",
