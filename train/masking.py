@@ -28,10 +28,11 @@ class MaskingConfig:
     rect_mask_prob: float = 0.0  # fraction of samples masked with a rectangle instead of scattered tokens
     label_smoothing: float = 0.0
     # ours: the schedule r = schedule(t) of the masking ratio, a name of `sampling.schedules` ("cosine": the reference)
-    schedule: str = "cosine"
+    # or a MaskingSchedule; parsed once here, so an unknown name fails before the first step
+    schedule: str | MaskingSchedule = "cosine"
 
     def __post_init__(self):
-        MaskingSchedule.parse(self.schedule)  # an unknown name fails here, not at the first step
+        self.schedule = MaskingSchedule.parse(self.schedule)
 
 
 @dataclass
@@ -52,11 +53,7 @@ def draw_masks(batch: int, h: int, w: int, cfg: MaskingConfig, generator: torch.
     use_rect = torch.rand(batch, generator=generator) < cfg.rect_mask_prob
     rect_u = torch.rand(batch, 3, generator=generator)  # (height choice, top, left) in [0, 1)
 
-    if cfg.schedule == "cosine":
-        ratio = torch.cos(t * math.pi * 0.5)  # the reference's arithmetic
-    else:
-        ratio = MaskingSchedule.parse(cfg.schedule)(t)
-    ratio = ratio.clamp(min=cfg.min_masking_rate)
+    ratio = cfg.schedule(t).clamp(min=cfg.min_masking_rate)  # the cosine's cos(t pi / 2) is the reference's to the bit
     count = (L * ratio).round().clamp(min=1).long()  # (B,)
     # exactly `count` positions: those whose entry of the noise's argsort permutation is below count (the reference)
     mask = (noise.argsort(dim=-1) < count[:, None]).view(batch, h, w)
